@@ -1,0 +1,56 @@
+# pagewire: `make run` serves, `make test` tests; both bring .venv up to date first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/pagewire/v1/*.proto)
+PB_DIR := shared/pb/pagewire/v1
+PB_STAMP := shared/pb/.generated
+# The CPU wheel of torch; a bare `torch` could pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install proto run test test-unit test-integration test-gpu generate clean
+
+install: $(STAMP) $(PB_STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Generated code is built, not committed. The path mapping makes the generated imports read
+# `from shared.pb.pagewire.v1 import ...` with no post-processing.
+proto: $(STAMP)
+	rm -f $(PB_STAMP)
+	$(MAKE) $(PB_STAMP)
+
+$(PB_STAMP): $(PROTOS) $(STAMP)
+	mkdir -p $(PB_DIR)
+	$(PY) -m grpc_tools.protoc -Ishared/pb=protos --python_out=. --pyi_out=. --grpc_python_out=. \
+		$(patsubst protos/%,shared/pb/%,$(PROTOS))
+	touch shared/pb/__init__.py shared/pb/pagewire/__init__.py $(PB_DIR)/__init__.py
+	touch $(PB_STAMP)
+
+run: install
+	$(VENV)/bin/pagewire serve $(ARGS)
+
+generate: install
+	$(VENV)/bin/pagewire generate "$(PROMPT)" $(ARGS)
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+test-integration: install
+	$(PY) -m pytest -q tests/integration
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu tests/gpu
+
+clean:
+	rm -rf $(VENV) shared/pb

@@ -1,0 +1,1 @@
+"""The executor service: holds every tensor (weights, paged KV pool, swap pool) and runs step plans."""

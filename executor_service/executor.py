@@ -1,0 +1,145 @@
+"""Builds an executor from its configuration: device, weights, KV pool, sampler, runner, measured speeds."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import structlog
+import torch
+
+from executor_service.calibration import MeasuredSpeeds, measure_prefill, measure_swap
+from executor_service.executor_config import DEFAULT_CPU_KV_CACHE_BYTES, ExecutorConfig
+from executor_service.kv_pool import KVGeometry, KVPool
+from executor_service.model.config import ModelConfig
+from executor_service.model.dtype import resolve_dtype
+from executor_service.model.loader import load_model
+from executor_service.model_runner import ModelRunner
+from executor_service.ops import create_ops_backend
+from executor_service.persistent_batch import BatchLimits
+from executor_service.sampler import Sampler
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorInfo:
+    """Everything `Describe` reports."""
+
+    model_config: ModelConfig
+    model_dir: str
+    dtype: torch.dtype
+    device_name: str
+    ops_backend: str
+    block_size: int
+    num_device_blocks: int
+    num_host_blocks: int
+    bytes_per_block: int
+    speeds: MeasuredSpeeds
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_logprobs: int
+    max_model_len: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    return device
+
+
+def _num_device_blocks(config: ExecutorConfig, geometry: KVGeometry, device: torch.device) -> int:
+    if config.num_device_blocks_override is not None:
+        return config.num_device_blocks_override
+    if config.kv_cache_memory_bytes is not None:
+        num_bytes = config.kv_cache_memory_bytes
+    elif device.type == "cuda":
+        free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+        used_bytes = total_bytes - free_bytes
+        num_bytes = int(total_bytes * config.gpu_memory_utilization) - used_bytes
+    else:
+        num_bytes = DEFAULT_CPU_KV_CACHE_BYTES
+    num_blocks = geometry.num_blocks_in(num_bytes)
+    if num_blocks < 1:
+        raise ValueError(
+            f"no memory left for the KV cache ({num_bytes} bytes for blocks of {geometry.bytes_per_block}); "
+            "raise --gpu-memory-utilization or --kv-cache-memory"
+        )
+    return num_blocks
+
+
+class Executor:
+    """The loaded executor: a runner ready to execute plans and the facts `Describe` reports."""
+
+    def __init__(self, runner: ModelRunner, info: ExecutorInfo) -> None:
+        self.runner = runner
+        self.info = info
+
+    @classmethod
+    def load(cls, config: ExecutorConfig) -> Executor:
+        torch.manual_seed(config.seed)
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        device = resolve_device(config.device)
+        model_config = ModelConfig.from_pretrained_dir(config.model_dir)
+        dtype = resolve_dtype(config.dtype, model_config.torch_dtype, device)
+        ops = create_ops_backend(config.ops_backend, device.type)
+        model, model_config = load_model(config.model_dir, dtype, device, ops)
+        geometry = KVGeometry(
+            num_layers=model_config.num_layers,
+            block_size=config.block_size,
+            num_kv_heads=model_config.num_kv_heads,
+            head_dim=model_config.head_dim,
+            dtype=dtype,
+        )
+        num_device_blocks = _num_device_blocks(config, geometry, device)
+        num_host_blocks = geometry.num_blocks_in(int(config.swap_space_gib * 1024**3))
+        kv_pool = KVPool(geometry, num_device_blocks, num_host_blocks, device, ops)
+        max_model_len = model_config.max_model_len
+        limits = BatchLimits(
+            vocab_size=model_config.vocab_size,
+            block_size=config.block_size,
+            num_device_blocks=num_device_blocks,
+            num_host_blocks=num_host_blocks,
+            max_model_len=max_model_len,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_logprobs=config.max_logprobs,
+        )
+        sampler = Sampler(model_config.vocab_size, device, max_logprobs=config.max_logprobs)
+        runner = ModelRunner(model, kv_pool, sampler, limits, device)
+        swap_out, swap_in = measure_swap(kv_pool)
+        prefill = measure_prefill(
+            runner, min(512, config.max_num_batched_tokens, max_model_len), model_config.vocab_size
+        )
+        speeds = MeasuredSpeeds(swap_out, swap_in, prefill)
+        device_name = str(device)
+        if device.type == "cuda":
+            device_name = f"{device} ({torch.cuda.get_device_name(device)})"
+        info = ExecutorInfo(
+            model_config=model_config,
+            model_dir=os.path.abspath(config.model_dir),
+            dtype=dtype,
+            device_name=device_name,
+            ops_backend=ops.name,
+            block_size=config.block_size,
+            num_device_blocks=num_device_blocks,
+            num_host_blocks=num_host_blocks,
+            bytes_per_block=geometry.bytes_per_block,
+            speeds=speeds,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_logprobs=config.max_logprobs,
+            max_model_len=max_model_len,
+        )
+        log.info(
+            "executor_loaded",
+            model=config.model_dir, device=device_name, dtype=str(dtype), ops=ops.name,
+            num_device_blocks=num_device_blocks, num_host_blocks=num_host_blocks,
+            swap_out_bytes_per_second=round(swap_out), swap_in_bytes_per_second=round(swap_in),
+            prefill_tokens_per_second=round(prefill, 1),
+        )
+        return cls(runner, info)

@@ -1,0 +1,123 @@
+"""Executes one step plan: validate, block ops, forward over the flattened batch, sample."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+import torch
+
+from executor_service.input_builder import build_model_input
+from executor_service.kv_pool import KVPool
+from executor_service.model.llama import LlamaForCausalLM
+from executor_service.persistent_batch import BatchLimits, PersistentBatch, ScheduledSequence
+from executor_service.sampler import Sampler, SamplingRow
+from shared.errors import PagewireError
+from shared.step_plan import SequenceOutput, StepError, StepPlan, StepResult, StepTiming
+
+log = structlog.get_logger(__name__)
+
+
+class ModelRunner:
+    """Owns the persistent batch and runs plans against the model and the KV pool, one at a time.
+
+    Contract: `execute` answers every plan. A plan that fails validation changes nothing and is
+    answered with its error; an unexpected failure during execution is answered INTERNAL and the
+    persistent batch is dropped, since it may be half-updated (the scheduler re-sends everything).
+    """
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_pool: KVPool,
+        sampler: Sampler,
+        limits: BatchLimits,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_pool = kv_pool
+        self.sampler = sampler
+        self.batch = PersistentBatch(limits)
+        self.device = device
+
+    def reset(self) -> None:
+        self.batch.reset()
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        started = time.perf_counter()
+        try:
+            self.batch.validate(plan)
+        except PagewireError as error:
+            log.warning("plan_rejected", step_id=plan.step_id, code=error.code.name, reason=str(error))
+            return StepResult(step_id=plan.step_id, error=StepError(error.code.value[0], str(error)))
+        try:
+            return self._execute_valid(plan, started)
+        except Exception as error:  # noqa: BLE001 (answer the plan; the stream must not die)
+            log.exception("step_failed", step_id=plan.step_id)
+            self.batch.reset()
+            return StepResult(step_id=plan.step_id, error=StepError(13, f"step failed: {error!r}"))
+
+    def _execute_valid(self, plan: StepPlan, started: float) -> StepResult:
+        scheduled = self.batch.apply(plan)
+        block_ops_started = time.perf_counter()
+        self.kv_pool.swap_out(plan.swap_out)
+        self.kv_pool.swap_in(plan.swap_in)
+        self.kv_pool.copy(plan.copy)
+        forward_started = time.perf_counter()
+        sampled: dict[int, tuple[int, float | None, tuple[tuple[int, float], ...]]] = {}
+        sample_seconds = 0.0
+        if scheduled:
+            model_input = build_model_input(scheduled, self.kv_pool.geometry.block_size, self.device)
+            hidden = self.model(
+                model_input.input_ids, model_input.positions, self.kv_pool.device_caches, model_input.metadata
+            )
+            logits = self.model.compute_logits(hidden[model_input.logits_indices])
+            sample_started = time.perf_counter()
+            rows = [self._sampling_row(scheduled[i]) for i in model_input.sampling_seq_indices]
+            if rows:
+                output = self.sampler.sample(logits, rows)
+                for k, i in enumerate(model_input.sampling_seq_indices):
+                    sampled[i] = (output.token_ids[k], output.logprobs[k], output.top_logprobs[k])
+            sample_seconds = time.perf_counter() - sample_started
+        forward_seconds = time.perf_counter() - forward_started - sample_seconds
+        outputs = tuple(self._advance(s, sampled.get(i)) for i, s in enumerate(scheduled))
+        return StepResult(
+            step_id=plan.step_id,
+            outputs=outputs,
+            timing=StepTiming(
+                total_seconds=time.perf_counter() - started,
+                forward_seconds=forward_seconds,
+                sample_seconds=sample_seconds,
+                block_ops_seconds=forward_started - block_ops_started,
+                num_tokens=plan.num_scheduled_tokens,
+            ),
+        )
+
+    @staticmethod
+    def _sampling_row(s: ScheduledSequence) -> SamplingRow:
+        state = s.state
+        return SamplingRow(
+            options=state.sampling,
+            output_position=len(state.token_ids) - state.num_prompt_tokens,
+            prompt_token_ids=state.token_ids[: state.num_prompt_tokens],
+            output_token_ids=state.output_token_ids,
+        )
+
+    @staticmethod
+    def _advance(
+        s: ScheduledSequence, sample: tuple[int, float | None, tuple[tuple[int, float], ...]] | None
+    ) -> SequenceOutput:
+        """Moves the sequence past the computed tokens and appends its sampled token, if any."""
+        state = s.state
+        state.num_computed_tokens = s.end
+        if sample is None:
+            return SequenceOutput(sequence_id=state.sequence_id)
+        token_id, logprob, top = sample
+        state.token_ids.append(token_id)
+        return SequenceOutput(
+            sequence_id=state.sequence_id,
+            token_ids=(token_id,),
+            logprobs=() if logprob is None else (logprob,),
+            top_logprobs=(top,) if top else (),
+        )

@@ -1,0 +1,70 @@
+"""The ops interface every backend implements: K/V cache writes, paged attention, block copy and swap.
+
+Cache layout (per layer): `key_cache` and `value_cache` are `[num_blocks, block_size, num_kv_heads,
+head_dim]`; slot = block_id * block_size + offset.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from executor_service.attention_metadata import AttentionMetadata
+
+
+class OpsBackend(ABC):
+    """One backend of the executor's kernel-level operations.
+
+    Contracts shared by all backends:
+      * every op works on the tensors it is given, in place where it says so, on their device;
+      * `paged_attention` reads only context tokens `< context_lens[i]` of sequence i and applies the
+        causal rule described on `AttentionMetadata`;
+      * block ops take (src, dst) pairs as int64 tensors on the destination's device or host lists.
+    """
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Writes `key`/`value` `[num_tokens, num_kv_heads, head_dim]` into their slots, in place."""
+
+    @abstractmethod
+    def paged_attention(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention of `query` `[num_tokens, num_heads, head_dim]` over the paged context.
+
+        Returns `[num_tokens, num_heads, head_dim]`. num_heads is a multiple of num_kv_heads (GQA):
+        query head h reads kv head `h // (num_heads // num_kv_heads)`. The new tokens' K/V must already
+        be written to the cache.
+        """
+
+    @abstractmethod
+    def copy_blocks(self, caches: list[torch.Tensor], src_block_ids: list[int], dst_block_ids: list[int]) -> None:
+        """Copies whole blocks within each cache tensor of `caches` (same device), in place."""
+
+    @abstractmethod
+    def swap_blocks(
+        self,
+        src_caches: list[torch.Tensor],
+        dst_caches: list[torch.Tensor],
+        src_block_ids: list[int],
+        dst_block_ids: list[int],
+    ) -> None:
+        """Copies blocks `src_caches[k][src] -> dst_caches[k][dst]` between devices (swap in or out).
+
+        Complete (the data is in `dst_caches`) when the call returns.
+        """

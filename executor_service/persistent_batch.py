@@ -1,0 +1,193 @@
+"""The executor's persistent batch: what it knows of every live sequence, updated by plan deltas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.errors import FailedPrecondition, InvalidArgument
+from shared.sampling_params import validate_sampling_options
+from shared.step_plan import BlockPairs, SamplingOptions, SequenceId, StepPlan
+
+
+@dataclass(slots=True)
+class SequenceState:
+    """One live sequence. `token_ids[:num_computed_tokens]` have K/V in `block_ids`.
+
+    The executor appends each token it samples, so `num_computed_tokens` stays one behind the end
+    after a sampling step and the next decode computes exactly that token.
+    """
+
+    sequence_id: SequenceId
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_computed_tokens: int
+    block_ids: list[int]
+    sampling: SamplingOptions
+    lora_slot: int | None
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSequence:
+    """A sequence computing `num_tokens` tokens from `start` this step."""
+
+    state: SequenceState
+    start: int
+    num_tokens: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the known tokens, so a token is sampled."""
+        return self.end == len(self.state.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """What a plan may ask of this executor."""
+
+    vocab_size: int
+    block_size: int
+    num_device_blocks: int
+    num_host_blocks: int
+    max_model_len: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_logprobs: int
+
+
+class PersistentBatch:
+    """Live sequences by id. `validate` checks a whole plan first, so `apply` never half-applies one."""
+
+    def __init__(self, limits: BatchLimits) -> None:
+        self.limits = limits
+        self.sequences: dict[SequenceId, SequenceState] = {}
+        self.last_step_id = 0
+
+    def reset(self) -> None:
+        """Forgets every sequence (the stream that owned them ended)."""
+        self.sequences.clear()
+        self.last_step_id = 0
+
+    def validate(self, plan: StepPlan) -> None:
+        """Raises InvalidArgument (malformed) or FailedPrecondition (unknown state); changes nothing."""
+        limits = self.limits
+        if plan.step_id <= self.last_step_id:
+            raise InvalidArgument(f"step_id {plan.step_id} is not greater than the previous {self.last_step_id}")
+        dropped = set(plan.finished_sequence_ids) | set(plan.preempted_sequence_ids)
+        for sequence_id in dropped:
+            if sequence_id not in self.sequences:
+                raise FailedPrecondition(f"sequence {sequence_id} is not held by this executor; cannot drop it")
+        self._validate_pairs("swap_out", plan.swap_out, limits.num_device_blocks, limits.num_host_blocks)
+        self._validate_pairs("swap_in", plan.swap_in, limits.num_host_blocks, limits.num_device_blocks)
+        self._validate_pairs("copy", plan.copy, limits.num_device_blocks, limits.num_device_blocks)
+        seen: set[int] = set()
+        for new in plan.new_sequences:
+            if new.sequence_id in seen:
+                raise InvalidArgument(f"sequence {new.sequence_id} appears twice in step {plan.step_id}")
+            seen.add(new.sequence_id)
+            if new.sequence_id in self.sequences and new.sequence_id not in dropped:
+                raise FailedPrecondition(f"sequence {new.sequence_id} is already held; send it as continued")
+            if not new.token_ids:
+                raise InvalidArgument(f"sequence {new.sequence_id} has no tokens")
+            bad = [t for t in new.token_ids if not 0 <= t < limits.vocab_size]
+            if bad:
+                raise InvalidArgument(
+                    f"sequence {new.sequence_id}: token ids {bad[:5]} outside the vocabulary [0, {limits.vocab_size})"
+                )
+            if not 1 <= new.num_prompt_tokens <= len(new.token_ids):
+                raise InvalidArgument(
+                    f"sequence {new.sequence_id}: num_prompt_tokens {new.num_prompt_tokens} must be in "
+                    f"[1, {len(new.token_ids)}]"
+                )
+            validate_sampling_options(new.sampling, limits.vocab_size, limits.max_logprobs)
+            self._validate_span(
+                new.sequence_id, new.num_computed_tokens, new.num_scheduled_tokens,
+                len(new.token_ids), len(new.block_ids), new.block_ids,
+            )
+        for cont in plan.continued_sequences:
+            if cont.sequence_id in seen:
+                raise InvalidArgument(f"sequence {cont.sequence_id} appears twice in step {plan.step_id}")
+            seen.add(cont.sequence_id)
+            state = self.sequences.get(cont.sequence_id)
+            if state is None or cont.sequence_id in dropped:
+                raise FailedPrecondition(
+                    f"sequence {cont.sequence_id} is not held by this executor; send it as new"
+                )
+            if cont.draft_token_ids:
+                raise InvalidArgument("draft tokens (speculative decoding) are not supported by this executor yet")
+            self._validate_span(
+                cont.sequence_id, state.num_computed_tokens, cont.num_scheduled_tokens,
+                len(state.token_ids), len(state.block_ids) + len(cont.new_block_ids), cont.new_block_ids,
+            )
+        if len(seen) > limits.max_num_seqs:
+            raise InvalidArgument(f"{len(seen)} sequences in one step exceed max_num_seqs {limits.max_num_seqs}")
+        if plan.num_scheduled_tokens > limits.max_num_batched_tokens:
+            raise InvalidArgument(
+                f"{plan.num_scheduled_tokens} tokens in one step exceed max_num_batched_tokens "
+                f"{limits.max_num_batched_tokens}"
+            )
+
+    def _validate_span(
+        self, sequence_id: int, num_computed: int, num_scheduled: int, num_tokens: int,
+        num_blocks: int, sent_block_ids: tuple[int, ...],
+    ) -> None:
+        limits = self.limits
+        bad = [b for b in sent_block_ids if not 0 <= b < limits.num_device_blocks]
+        if bad:
+            raise InvalidArgument(
+                f"sequence {sequence_id}: block ids {bad[:5]} out of range [0, {limits.num_device_blocks})"
+            )
+        if num_scheduled < 1:
+            raise InvalidArgument(f"sequence {sequence_id}: schedule at least one token")
+        end = num_computed + num_scheduled
+        if end > num_tokens:
+            raise InvalidArgument(
+                f"sequence {sequence_id}: too many tokens: {num_computed} computed + {num_scheduled} scheduled "
+                f"> {num_tokens} known"
+            )
+        if end > limits.max_model_len:
+            raise InvalidArgument(f"sequence {sequence_id}: {end} tokens exceed max_model_len {limits.max_model_len}")
+        if end > num_blocks * limits.block_size:
+            raise InvalidArgument(
+                f"sequence {sequence_id}: {num_blocks} blocks hold {num_blocks * limits.block_size} tokens, "
+                f"fewer than the {end} it needs after this step"
+            )
+
+    @staticmethod
+    def _validate_pairs(name: str, pairs: BlockPairs, num_src: int, num_dst: int) -> None:
+        for src, dst in pairs.pairs():
+            if not (0 <= src < num_src and 0 <= dst < num_dst):
+                raise InvalidArgument(
+                    f"{name} pair ({src}, {dst}) out of range: src in [0, {num_src}), dst in [0, {num_dst})"
+                )
+
+    def apply(self, plan: StepPlan) -> list[ScheduledSequence]:
+        """Applies a validated plan's sequence deltas; returns the sequences to compute, in plan order."""
+        self.last_step_id = plan.step_id
+        for sequence_id in (*plan.finished_sequence_ids, *plan.preempted_sequence_ids):
+            self.sequences.pop(SequenceId(sequence_id), None)
+        scheduled: list[ScheduledSequence] = []
+        for new in plan.new_sequences:
+            state = SequenceState(
+                sequence_id=new.sequence_id,
+                token_ids=list(new.token_ids),
+                num_prompt_tokens=new.num_prompt_tokens,
+                num_computed_tokens=new.num_computed_tokens,
+                block_ids=list(new.block_ids),
+                sampling=new.sampling,
+                lora_slot=new.lora_slot,
+            )
+            self.sequences[new.sequence_id] = state
+            scheduled.append(ScheduledSequence(state, new.num_computed_tokens, new.num_scheduled_tokens))
+        for cont in plan.continued_sequences:
+            state = self.sequences[cont.sequence_id]
+            state.block_ids.extend(cont.new_block_ids)
+            scheduled.append(ScheduledSequence(state, state.num_computed_tokens, cont.num_scheduled_tokens))
+        return scheduled

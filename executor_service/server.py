@@ -1,0 +1,64 @@
+"""Runs the executor gRPC server: health first (NOT_SERVING), then weights, then SERVING."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from executor_service.executor import Executor
+from executor_service.executor_config import ExecutorConfig
+from executor_service.servicer import ExecutorServicer
+from shared.pb.pagewire.v1 import executor_pb2, executor_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
+# Plans for hundreds of sequences with long prompts can exceed gRPC's 4 MiB default.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+async def serve(config: ExecutorConfig, shutdown_grace_seconds: float = 5.0) -> None:
+    """Serves until SIGTERM/SIGINT; the health service says SERVING only once the model is loaded."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    servicer = ExecutorServicer()
+    executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address}")
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    log.info("executor_listening", address=address)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    load_task = asyncio.ensure_future(asyncio.to_thread(Executor.load, config))
+    stop_task = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    if load_task.done():
+        servicer.attach(load_task.result())
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("executor_serving", address=address)
+        await stop.wait()
+    log.info("executor_stopping")
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(shutdown_grace_seconds)
+    servicer.close()
+    log.info("executor_stopped")

@@ -1,0 +1,1 @@
+"""The scheduler service: every decision (admission, batching, block tables, preemption), no tensor."""

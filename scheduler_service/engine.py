@@ -1,0 +1,211 @@
+"""The engine loop of one executor: schedule -> send plan -> receive result -> apply -> stream deltas."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import Callable
+
+import structlog
+
+from scheduler_service.engine_config import EngineConfig
+from scheduler_service.executor_client import ExecutorClient
+from scheduler_service.executor_description import ExecutorDescription
+from scheduler_service.block_pool import BlockPool
+from scheduler_service.kv_cache_manager import KVCacheManager
+from scheduler_service.request_state import RequestState
+from scheduler_service.scheduler import Scheduler, StepRejected
+from scheduler_service.scheduler_config import SchedulerConfig
+from scheduler_service.sequence import Sequence
+from scheduler_service.step_stats import StepStats
+from scheduler_service.tokenizer import Tokenizer
+from shared.errors import ResourceExhausted, Unavailable
+from shared.sampling_params import SamplingParams
+from shared.step_plan import SequenceId
+
+log = structlog.get_logger(__name__)
+
+RECONNECT_INTERVAL_SECONDS = 0.5
+
+
+class Engine:
+    """Owns the scheduler and the requests of one executor; all policy runs synchronously in `_step`.
+
+    Only this loop talks to the executor, so plans and results stay strictly ordered. Client calls
+    (`add_request`, `abort`) run on the same event loop and only touch synchronous state, then wake
+    the loop. When the executor is lost, the engine keeps every request and reconnects; if the executor
+    is back within `reconnect_grace_seconds`, running sequences are recomputed there and clients see no
+    gap; otherwise live requests fail with UNAVAILABLE.
+    """
+
+    def __init__(self, config: EngineConfig, on_ready_change: Callable[[bool], None] = lambda ready: None) -> None:
+        self.config = config
+        self.client = ExecutorClient(config.executor_address)
+        self.on_ready_change = on_ready_change
+        self.description: ExecutorDescription | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.scheduler: Scheduler | None = None
+        self.requests: dict[SequenceId, RequestState] = {}
+        self.stats = StepStats()
+        self._ids = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._lost_since: float | None = None
+
+    @property
+    def is_ready(self) -> bool:
+        return self.client.is_connected and self.scheduler is not None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="engine")
+
+    async def stop(self) -> None:
+        for request in list(self.requests.values()):
+            request.abort()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self.client.close()
+
+    def add_request(
+        self, prompt_token_ids: tuple[int, ...], params: SamplingParams, request_id: str | None = None
+    ) -> RequestState:
+        """Queues a validated request; raises Unavailable or ResourceExhausted."""
+        if not self.is_ready:
+            raise Unavailable("the scheduler is not connected to a ready executor; retry shortly")
+        assert self.scheduler is not None and self.description is not None and self.tokenizer is not None
+        if self.scheduler.num_waiting >= self.config.max_queued_requests:
+            raise ResourceExhausted(
+                f"the queue holds {self.scheduler.num_waiting} requests (--max-queued-requests "
+                f"{self.config.max_queued_requests}); retry later"
+            )
+        sequence_id = SequenceId(next(self._ids))
+        request = RequestState(
+            request_id=request_id or uuid.uuid4().hex,
+            sequence_id=sequence_id,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
+            tokenizer=self.tokenizer,
+            eos_token_ids=self.description.eos_token_ids,
+            max_model_len=self.scheduler.config.max_model_len,
+        )
+        self.scheduler.add_sequence(
+            Sequence(
+                sequence_id=sequence_id,
+                prompt_token_ids=prompt_token_ids,
+                arrival_index=sequence_id,
+                sampling=params.to_options(self.description.eos_token_ids),
+            )
+        )
+        self.requests[sequence_id] = request
+        self._wake.set()
+        return request
+
+    def abort(self, request: RequestState) -> None:
+        """Ends a request the client gave up on; its blocks are freed now, the executor told next step."""
+        if self.requests.pop(request.sequence_id, None) is not None and self.scheduler is not None:
+            self.scheduler.abort_sequence(request.sequence_id)
+            request.abort()
+            self._wake.set()
+            log.info("request_aborted", request_id=request.request_id)
+
+    async def _run(self) -> None:
+        while True:
+            if not self.client.is_connected:
+                await self._connect()
+                continue
+            if self.scheduler is None or not self.scheduler.has_work:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._step()
+            except Unavailable as error:
+                log.warning("executor_lost", error=str(error))
+                self._lost_since = time.monotonic()
+                self.on_ready_change(False)
+
+    async def _connect(self) -> None:
+        try:
+            description = await self.client.connect()
+        except Unavailable:
+            self._fail_live_requests_after_grace()
+            await asyncio.sleep(RECONNECT_INTERVAL_SECONDS)
+            return
+        if self.scheduler is not None and self.description is not None and (
+            self.description.same_cache_geometry(description)
+        ):
+            self.scheduler.reset_executor_state()
+        else:
+            self._fail_live_requests(Unavailable("the executor changed; resend the request"))
+            self._build(description)
+        self.description = description
+        self._lost_since = None
+        self.on_ready_change(True)
+        self._wake.set()
+        log.info(
+            "executor_connected", address=self.client.address, model=description.model_name,
+            device=description.device, num_device_blocks=description.num_device_blocks,
+        )
+
+    def _build(self, description: ExecutorDescription) -> None:
+        config = self.config
+        max_model_len = min(config.max_model_len or description.max_model_len, description.max_model_len)
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=min(config.max_num_seqs, description.max_num_seqs),
+            max_num_batched_tokens=min(config.max_num_batched_tokens, description.max_num_batched_tokens),
+            max_model_len=max_model_len,
+            block_size=description.block_size,
+            num_device_blocks=description.num_device_blocks,
+        )
+        pool = BlockPool(description.num_device_blocks)
+        self.scheduler = Scheduler(scheduler_config, KVCacheManager(pool, description.block_size))
+        self.tokenizer = Tokenizer.from_pretrained_dir(config.tokenizer_dir or description.model_path)
+
+    def _fail_live_requests_after_grace(self) -> None:
+        if self._lost_since is not None and time.monotonic() - self._lost_since > self.config.reconnect_grace_seconds:
+            self._fail_live_requests(Unavailable(f"the executor {self.client.address} is unreachable"))
+            self._lost_since = None
+
+    def _fail_live_requests(self, error: Unavailable) -> None:
+        for sequence_id, request in list(self.requests.items()):
+            if self.scheduler is not None:
+                self.scheduler.abort_sequence(sequence_id)
+            request.fail(error)
+        self.requests.clear()
+
+    async def _step(self) -> None:
+        """One iteration. Everything but the awaited executor call is synchronous policy code."""
+        scheduler = self.scheduler
+        assert scheduler is not None
+        started = time.perf_counter()
+        plan = scheduler.schedule()
+        if plan is None:
+            return
+        scheduled = time.perf_counter()
+        result = await self.client.step(plan)
+        received = time.perf_counter()
+        try:
+            outputs = scheduler.apply_result(result)
+        except StepRejected as error:
+            # Our view of the executor is wrong: start over on a fresh stream (recompute everything).
+            log.error("step_rejected", error=str(error))
+            await self.client.close()
+            return
+        for output in outputs:
+            request = self.requests.get(output.sequence_id)
+            if request is not None and request.on_output(output):
+                del self.requests[output.sequence_id]
+                scheduler.finish_sequence(output.sequence_id)
+        finished = time.perf_counter()
+        self.stats.record(
+            wall_seconds=finished - started,
+            scheduler_seconds=(scheduled - started) + (finished - received),
+            forward_seconds=result.timing.forward_seconds,
+            num_tokens=result.timing.num_tokens,
+        )

@@ -1,0 +1,28 @@
+"""Start-up configuration of the scheduler service, as given on the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Flags follow vLLM's names where one exists. `max_model_len=None` takes the executor's."""
+
+    executor_address: str
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    max_queued_requests: int = 1024
+    preemption_mode: str = "recompute"
+    tokenizer_dir: str | None = None
+    # How long a lost executor may take to come back before live requests fail with UNAVAILABLE.
+    reconnect_grace_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_queued_requests < 1:
+            raise ValueError(f"--max-queued-requests must be at least 1, got {self.max_queued_requests}")
+        if self.preemption_mode not in ("auto", "recompute", "swap"):
+            raise ValueError(f"--preemption-mode must be auto, recompute or swap, got {self.preemption_mode!r}")

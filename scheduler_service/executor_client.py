@@ -1,0 +1,72 @@
+"""The scheduler's connection to one executor: Describe, then one long-lived Step stream."""
+
+from __future__ import annotations
+
+import grpc
+
+from scheduler_service.executor_description import ExecutorDescription
+from shared.errors import Unavailable
+from shared.pb.pagewire.v1 import executor_pb2 as pb
+from shared.pb.pagewire.v1 import executor_pb2_grpc as pb_grpc
+from shared.plan_codec import plan_to_pb, result_from_pb
+from shared.step_plan import StepPlan, StepResult
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class ExecutorClient:
+    """Sends plans and reads results, in order, over one Step stream.
+
+    Any transport failure surfaces as `Unavailable`; the caller reconnects with `connect()`, which opens
+    a fresh stream (the executor then holds no sequences).
+    """
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel: grpc.aio.Channel | None = None
+        self._call: grpc.aio.StreamStreamCall | None = None
+
+    async def connect(self, timeout: float = 5.0) -> ExecutorDescription:
+        """Describes the executor and opens a new Step stream; raises Unavailable when it cannot."""
+        await self.close()
+        self._channel = grpc.aio.insecure_channel(
+            self.address,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        stub = pb_grpc.ExecutorStub(self._channel)
+        try:
+            description = await stub.Describe(pb.DescribeRequest(), timeout=timeout, wait_for_ready=False)
+        except grpc.aio.AioRpcError as error:
+            await self.close()
+            raise Unavailable(f"executor {self.address} is unavailable: {error.details()}") from error
+        self._call = stub.Step()
+        return ExecutorDescription.from_pb(description)
+
+    @property
+    def is_connected(self) -> bool:
+        return self._call is not None
+
+    async def step(self, plan: StepPlan) -> StepResult:
+        if self._call is None:
+            raise Unavailable(f"not connected to executor {self.address}")
+        try:
+            await self._call.write(plan_to_pb(plan))
+            message = await self._call.read()
+        except grpc.aio.AioRpcError as error:
+            await self.close()
+            raise Unavailable(f"executor {self.address} stream failed: {error.details()}") from error
+        if message is grpc.aio.EOF:
+            await self.close()
+            raise Unavailable(f"executor {self.address} closed the step stream")
+        return result_from_pb(message)
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None

@@ -1,0 +1,55 @@
+"""What the scheduler knows of its executor, read once from `Describe`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.pb.pagewire.v1 import executor_pb2 as pb
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorDescription:
+    model_name: str
+    model_path: str
+    architecture: str
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    block_size: int
+    num_device_blocks: int
+    num_host_blocks: int
+    bytes_per_block: int
+    swap_out_bytes_per_second: float
+    swap_in_bytes_per_second: float
+    prefill_tokens_per_second: float
+    device: str
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_logprobs: int
+
+    @classmethod
+    def from_pb(cls, message: pb.ExecutorDescription) -> ExecutorDescription:
+        return cls(
+            model_name=message.model.name,
+            model_path=message.model.path,
+            architecture=message.model.architecture,
+            vocab_size=message.model.vocab_size,
+            max_model_len=message.model.max_position_embeddings,
+            eos_token_ids=tuple(message.model.eos_token_ids),
+            block_size=message.cache.block_size,
+            num_device_blocks=message.cache.num_device_blocks,
+            num_host_blocks=message.cache.num_host_blocks,
+            bytes_per_block=message.cache.bytes_per_block,
+            swap_out_bytes_per_second=message.speeds.swap_out_bytes_per_second,
+            swap_in_bytes_per_second=message.speeds.swap_in_bytes_per_second,
+            prefill_tokens_per_second=message.speeds.prefill_tokens_per_second,
+            device=message.device,
+            max_num_batched_tokens=message.max_num_batched_tokens,
+            max_num_seqs=message.max_num_seqs,
+            max_logprobs=message.max_logprobs,
+        )
+
+    def same_cache_geometry(self, other: ExecutorDescription) -> bool:
+        return (self.block_size, self.num_device_blocks, self.vocab_size, self.model_path) == (
+            other.block_size, other.num_device_blocks, other.vocab_size, other.model_path,
+        )

@@ -1,0 +1,97 @@
+"""One client request as the engine sees it: its sequence, its text state and its outbound deltas."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from scheduler_service.detokenizer import IncrementalDetokenizer
+from scheduler_service.stop_checker import StopChecker
+from scheduler_service.tokenizer import Tokenizer
+from shared.sampling_params import SamplingParams
+from shared.step_plan import SequenceId, SequenceOutput
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ABORT = "abort"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDelta:
+    """What a client receives in one message: new tokens, their text, and on the last one the end."""
+
+    token_ids: tuple[int, ...] = ()
+    text: str = ""
+    logprobs: tuple[float, ...] = ()
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class RequestState:
+    """Turns a sequence's sampled tokens into client deltas, exactly once each.
+
+    Invariant: the concatenation of every delta's token_ids is the request's output so far, so after a
+    preemption (recompute or swap) the client's stream continues where it stopped, nothing repeated.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        sequence_id: SequenceId,
+        prompt_token_ids: tuple[int, ...],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        eos_token_ids: tuple[int, ...],
+        max_model_len: int,
+    ) -> None:
+        self.request_id = request_id
+        self.sequence_id = sequence_id
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids)
+        self.stop_checker = StopChecker(params, eos_token_ids, max_model_len, len(prompt_token_ids))
+        self.deltas: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
+        self.num_cached_prompt_tokens = 0
+        self.is_finished = False
+
+    def usage(self) -> Usage:
+        return Usage(self.num_prompt_tokens, self.stop_checker.num_output_tokens, self.num_cached_prompt_tokens)
+
+    def on_output(self, output: SequenceOutput) -> bool:
+        """Queues the delta for `output`; returns True when the request finished with it."""
+        verdict = self.stop_checker.scan_tokens(output.token_ids)
+        text = self.detokenizer.push(output.token_ids[: verdict.num_tokens_to_detokenize])
+        if verdict.finish_reason is not None:
+            text += self.detokenizer.flush()
+        decision = self.stop_checker.check(output.token_ids, text)
+        num_tokens = decision.num_tokens_to_emit
+        finished = decision.finish_reason is not None
+        delta = RequestDelta(
+            token_ids=tuple(output.token_ids[:num_tokens]),
+            text=decision.text_to_emit,
+            logprobs=tuple(output.logprobs[:num_tokens]),
+            finish_reason=decision.finish_reason.value if finished else None,
+            usage=self.usage() if finished else None,
+        )
+        self.is_finished = finished
+        self.deltas.put_nowait(delta)
+        return finished
+
+    def abort(self) -> None:
+        """Ends the stream with ABORT (server-side abort, e.g. shutdown)."""
+        if not self.is_finished:
+            self.is_finished = True
+            self.deltas.put_nowait(RequestDelta(finish_reason=FINISH_ABORT, usage=self.usage()))
+
+    def fail(self, error: BaseException) -> None:
+        """Ends the stream with an error status for the client."""
+        if not self.is_finished:
+            self.is_finished = True
+            self.deltas.put_nowait(error)

@@ -1,0 +1,309 @@
+"""Continuous batching at iteration level: which sequences compute how many tokens in the next step."""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+
+from scheduler_service.kv_cache_manager import KVCacheManager
+from scheduler_service.plan_encoder import PlanEncoder
+from scheduler_service.scheduler_config import SchedulerConfig
+from scheduler_service.sequence import Sequence, SequenceStatus
+from shared.step_plan import SequenceId, SequenceOutput, StepPlan, StepResult
+
+
+class StepRejected(RuntimeError):
+    """The executor answered a plan with an error and changed nothing.
+
+    The scheduler's view of the executor can no longer be trusted: replace the stream and call
+    `reset_executor_state`.
+    """
+
+
+class Scheduler:
+    """Decides each step which sequences compute how many tokens; composes the KV cache manager and
+    the plan encoder.
+
+    Tokens, not phases: every sequence computes `min(num_tokens - num_computed_tokens, budget)`
+    tokens, so prefill, chunked prefill, resume after preemption and decode are one code path.
+    `num_computed_tokens` advances when a step is scheduled, not when its result arrives.
+
+    Priority is arrival: `running` is kept in arrival order, and when blocks run out the latest-arrived
+    running sequence is preempted (recompute) to the front of `waiting`, so preempted work resumes
+    before new admissions. Invariants (`check_integrity`): a live sequence is in exactly one of
+    `waiting` / `running`, both in arrival order; running tables cover their computed tokens; waiting
+    sequences hold no blocks; the executor holds exactly the running sequences plus those whose end it
+    has not yet been told.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        if kv_cache_manager.block_size != config.block_size:
+            raise ValueError(
+                f"KV cache manager block_size {kv_cache_manager.block_size} != config block_size "
+                f"{config.block_size}; build both from the executor's CacheInfo"
+            )
+        if kv_cache_manager.block_pool.num_blocks != config.num_device_blocks:
+            raise ValueError(
+                f"block pool of {kv_cache_manager.block_pool.num_blocks} blocks != config "
+                f"num_device_blocks {config.num_device_blocks}; build both from the executor's CacheInfo"
+            )
+        self.config = config
+        self.kv_cache_manager = kv_cache_manager
+        self.plan_encoder = PlanEncoder()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._sequences: dict[SequenceId, Sequence] = {}
+        self._last_arrival_index: int | None = None
+        self._finished_ids_to_send: list[SequenceId] = []
+        # Per plan in flight, oldest first: its step id and, per scheduled sequence still live and not
+        # preempted since, whether the step samples a token for it.
+        self._in_flight: deque[tuple[int, dict[SequenceId, bool]]] = deque()
+        self._num_preemptions = 0
+        self._num_prompt_tokens_computed = 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_preemptions(self) -> int:
+        return self._num_preemptions
+
+    @property
+    def num_prompt_tokens_computed(self) -> int:
+        """Tokens at prompt positions scheduled so far, recomputation after preemption included."""
+        return self._num_prompt_tokens_computed
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def has_work(self) -> bool:
+        """Whether a sequence is live or the executor still has to be told that one ended."""
+        return bool(self.running or self.waiting or self._finished_ids_to_send)
+
+    def get_sequence(self, sequence_id: SequenceId) -> Sequence | None:
+        return self._sequences.get(sequence_id)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queue a new sequence behind every waiting one; arrival indices must increase."""
+        if seq.sequence_id in self._sequences:
+            raise ValueError(f"sequence {seq.sequence_id} is already scheduled; use a fresh id")
+        if seq.num_tokens > self.config.max_model_len:
+            raise ValueError(
+                f"sequence {seq.sequence_id} has {seq.num_tokens} tokens, more than max_model_len="
+                f"{self.config.max_model_len}; shorten the prompt"
+            )
+        if self._last_arrival_index is not None and seq.arrival_index <= self._last_arrival_index:
+            raise ValueError(
+                f"arrival_index {seq.arrival_index} is not after the previous {self._last_arrival_index}"
+            )
+        assert seq.status is SequenceStatus.WAITING and seq.num_computed_tokens == 0
+        self._last_arrival_index = seq.arrival_index
+        self._sequences[seq.sequence_id] = seq
+        self.waiting.append(seq)
+
+    def schedule(self) -> StepPlan | None:
+        """Decide the next step and return its plan; None when nothing is to compute or tell.
+
+        Running sequences go first, in arrival order, then waiting sequences are admitted in order
+        while the token budget, the sequence cap and the free blocks last; the first that does not fit
+        stops admission, and none follows a preemption in the same step. Admission in arrival order
+        keeps every running sequence ahead of every waiting one, so a partially computed prompt is
+        always the latest-arrived running sequence: decodes come before it and never stall behind it.
+        A running sequence whose sampled token is still in flight has nothing to compute and is skipped.
+        """
+        kv = self.kv_cache_manager
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[SequenceId, int] = {}
+        preempted_ids: list[SequenceId] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens == 0:
+                continue
+            num_new_tokens = min(seq.num_uncomputed_tokens, budget)
+            victims = self._allocate_or_preempt(seq, seq.num_computed_tokens + num_new_tokens)
+            preempted_ids.extend(victim.sequence_id for victim in victims)
+            if seq.status is SequenceStatus.RUNNING:
+                scheduled[seq.sequence_id] = num_new_tokens
+                budget -= num_new_tokens
+
+        while (
+            not preempted_ids and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+        ):
+            seq = self.waiting[0]
+            if seq.num_computed_tokens == 0:
+                seq.num_computed_tokens = kv.allocate_cached_prefix(seq.sequence_id, seq.token_ids)
+            num_new_tokens = min(seq.num_uncomputed_tokens, budget)
+            assert num_new_tokens > 0, f"waiting sequence {seq.sequence_id} has nothing to compute"
+            if kv.allocate_slots(seq.sequence_id, seq.num_computed_tokens + num_new_tokens) is None:
+                kv.free(seq.sequence_id)
+                seq.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.arrival_index)
+            scheduled[seq.sequence_id] = num_new_tokens
+            budget -= num_new_tokens
+
+        finished_ids, self._finished_ids_to_send = self._finished_ids_to_send, []
+        if not scheduled and not finished_ids and not preempted_ids:
+            return None
+        plan = self.plan_encoder.encode(
+            [(self._sequences[sid], num, kv.block_ids(sid)) for sid, num in scheduled.items()],
+            finished_ids,
+            preempted_ids,
+        )
+        samples: dict[SequenceId, bool] = {}
+        for sid, num_new_tokens in scheduled.items():
+            seq = self._sequences[sid]
+            start = seq.num_computed_tokens
+            self._num_prompt_tokens_computed += max(
+                0, min(start + num_new_tokens, seq.num_prompt_tokens) - start
+            )
+            seq.num_computed_tokens += num_new_tokens
+            samples[sid] = seq.num_computed_tokens == seq.num_tokens
+        self._in_flight.append((plan.step_id, samples))
+        return plan
+
+    def _allocate_or_preempt(self, seq: Sequence, num_tokens: int) -> list[Sequence]:
+        """Grow `seq`'s table to `num_tokens`, preempting the latest-arrived running sequence until it
+        fits; returns the victims, ending with `seq` itself when it was the latest left. Running is in
+        arrival order and scheduled front to back, so a victim was never scheduled earlier this step.
+
+        Cannot livelock: the config guarantees the pool holds one max_model_len sequence alone.
+        """
+        victims: list[Sequence] = []
+        while self.kv_cache_manager.allocate_slots(seq.sequence_id, num_tokens) is None:
+            victim = self.running[-1]
+            self._preempt(victim)
+            victims.append(victim)
+            if victim is seq:
+                break
+        return victims
+
+    def _preempt(self, victim: Sequence) -> None:
+        """Take the latest-arrived running sequence off the device, by recompute.
+
+        Recompute drops its blocks and computed tokens; it waits at the front of the queue and is
+        re-sent in full (prompt and outputs so far). Swap will plug in here: choose per victim by
+        estimated cost (KV bytes / swap bandwidth vs tokens / prefill throughput), keep the computed
+        tokens in host blocks and record swap_out block pairs for the plan.
+        """
+        assert victim is self.running[-1], "only the latest-arrived running sequence is preempted"
+        assert self.plan_encoder.knows(victim.sequence_id), f"executor does not hold {victim.sequence_id}"
+        self.running.pop()
+        self.kv_cache_manager.free(victim.sequence_id)
+        victim.num_computed_tokens = 0
+        victim.status = SequenceStatus.WAITING
+        victim.num_preemptions += 1
+        self._num_preemptions += 1
+        self.waiting.appendleft(victim)
+        self._forget_in_flight(victim.sequence_id)
+
+    def apply_result(self, result: StepResult) -> list[SequenceOutput]:
+        """Append the sampled tokens of the oldest plan in flight; return the outputs that carry tokens.
+
+        Outputs of sequences that ended or were preempted since the plan was sent are dropped. Raises
+        StepRejected when the executor rejected the plan.
+        """
+        assert self._in_flight, f"result for step {result.step_id} arrived with no plan in flight"
+        step_id, samples = self._in_flight[0]
+        assert result.step_id == step_id, f"result for step {result.step_id}, expected step {step_id}"
+        self._in_flight.popleft()
+        if result.error is not None:
+            raise StepRejected(
+                f"executor rejected step {step_id} (status {result.error.code}): {result.error.message}"
+            )
+        outputs: list[SequenceOutput] = []
+        for output in result.outputs:
+            expects_token = samples.pop(output.sequence_id, None)
+            if expects_token is None:
+                continue
+            num_expected = int(expects_token)
+            assert len(output.token_ids) == num_expected, (
+                f"sequence {output.sequence_id}: {len(output.token_ids)} tokens, expected {num_expected}"
+            )
+            if output.token_ids:
+                seq = self._sequences[output.sequence_id]
+                seq.output_token_ids.extend(output.token_ids)
+                assert seq.num_tokens <= self.config.max_model_len, f"{seq.sequence_id} outgrew max_model_len"
+                outputs.append(output)
+        assert not any(samples.values()), f"step {step_id} result lacks tokens for {sorted(samples)}"
+        return outputs
+
+    def finish_sequence(self, sequence_id: SequenceId) -> None:
+        """End a live sequence (the engine found a stop condition); raises KeyError for an unknown id."""
+        self._end(self._sequences[sequence_id])
+
+    def abort_sequence(self, sequence_id: SequenceId) -> bool:
+        """End a sequence in any state (client cancelled); False when it had already ended."""
+        seq = self._sequences.get(sequence_id)
+        if seq is None:
+            return False
+        self._end(seq)
+        return True
+
+    def _end(self, seq: Sequence) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.kv_cache_manager.free(seq.sequence_id)
+        seq.status = SequenceStatus.FINISHED
+        del self._sequences[seq.sequence_id]
+        self._forget_in_flight(seq.sequence_id)
+        if self.plan_encoder.knows(seq.sequence_id):
+            self._finished_ids_to_send.append(seq.sequence_id)
+
+    def reset_executor_state(self) -> None:
+        """The stream to the executor was replaced and the new one holds nothing: every running sequence
+        goes back to the front of the queue for recompute, and plans in flight are forgotten."""
+        for seq in reversed(self.running):
+            self.kv_cache_manager.free(seq.sequence_id)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
+        self.running.clear()
+        self.plan_encoder.reset()
+        self._finished_ids_to_send.clear()
+        self._in_flight.clear()
+
+    def _forget_in_flight(self, sequence_id: SequenceId) -> None:
+        for _, samples in self._in_flight:
+            samples.pop(sequence_id, None)
+
+    def check_integrity(self) -> None:
+        kv = self.kv_cache_manager
+        kv.check_integrity()
+        self.plan_encoder.check_integrity()
+        running_ids = [seq.sequence_id for seq in self.running]
+        waiting_ids = [seq.sequence_id for seq in self.waiting]
+        assert len(set(running_ids)) == len(running_ids), f"a sequence runs twice: {running_ids}"
+        assert len(set(waiting_ids)) == len(waiting_ids), f"a sequence waits twice: {waiting_ids}"
+        assert not set(running_ids) & set(waiting_ids), "a sequence is both waiting and running"
+        assert set(running_ids) | set(waiting_ids) == set(self._sequences), "live sequences out of sync"
+        assert len(self.running) <= self.config.max_num_seqs
+        for queue in (self.running, self.waiting):
+            arrivals = [seq.arrival_index for seq in queue]
+            assert arrivals == sorted(arrivals), f"queue out of arrival order: {arrivals}"
+        for seq in self.running:
+            assert seq.status is SequenceStatus.RUNNING
+            assert 0 < seq.num_computed_tokens <= seq.num_tokens
+            num_table_tokens = len(kv.block_ids(seq.sequence_id)) * kv.block_size
+            assert num_table_tokens >= seq.num_computed_tokens, f"table of {seq.sequence_id} is too short"
+            num_sent = self.plan_encoder.num_sent_block_ids(seq.sequence_id)
+            assert num_sent == len(kv.block_ids(seq.sequence_id)), f"unsent blocks of {seq.sequence_id}"
+        for seq in self.running[:-1]:
+            assert seq.num_uncomputed_tokens <= 1, f"{seq.sequence_id} is a partial prompt but not the latest"
+        for seq in self.waiting:
+            assert seq.status is SequenceStatus.WAITING and seq.num_computed_tokens == 0
+        assert set(kv.sequence_ids()) <= set(running_ids), "a sequence that is not running holds blocks"
+        assert self.plan_encoder.known_sequence_ids() == set(running_ids) | set(self._finished_ids_to_send)
+        assert kv.num_free_blocks + kv.num_held_blocks() == kv.block_pool.num_blocks

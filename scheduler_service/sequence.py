@@ -1,0 +1,62 @@
+"""A sequence as the scheduler sees it: its tokens and how many of them have K/V computed."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from shared.step_plan import SamplingOptions, SequenceId
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """The scheduling state of one request: `num_computed_tokens` chases `num_tokens`.
+
+    Prefill, chunked prefill, resume after preemption and decode are all "compute the tokens from
+    num_computed_tokens up to num_tokens"; the executor samples a new token whenever a step's tokens
+    reach the end. Request-level state (stop conditions, max_tokens, detokenizer) lives in the engine.
+    `arrival_index` is monotonic over requests; a lower index has higher priority.
+    Invariant: 0 <= num_computed_tokens <= num_tokens.
+    """
+
+    sequence_id: SequenceId
+    prompt_token_ids: tuple[int, ...]
+    arrival_index: int
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    lora_slot: int | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = tuple(self.prompt_token_ids)
+        if not self.prompt_token_ids:
+            raise ValueError(f"sequence {self.sequence_id} has an empty prompt; send at least one token")
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """The prompt followed by every output token so far."""
+        return self.prompt_token_ids + tuple(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens

@@ -1,0 +1,1 @@
+"""Code both services import: domain types of the plan contract, validation, logging and the CLI."""

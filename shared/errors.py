@@ -1,0 +1,43 @@
+"""Exceptions that carry a gRPC status; one interceptor per service maps them to codes.
+
+Bad client input raises `InvalidArgument` (a ValueError) with a message saying what to change.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class PagewireError(Exception):
+    """Base of every error that crosses a service boundary with a specific status code."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(PagewireError, ValueError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(PagewireError, LookupError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhausted(PagewireError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(PagewireError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(PagewireError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+def status_code_of(error: BaseException) -> grpc.StatusCode:
+    """The status code a client should see for `error`; anything unexpected is INTERNAL."""
+    if isinstance(error, PagewireError):
+        return error.code
+    if isinstance(error, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL

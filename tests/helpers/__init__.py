@@ -1,0 +1,1 @@
+"""Test helpers: starting real services on loopback ports and driving them."""
