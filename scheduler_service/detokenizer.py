@@ -10,8 +10,8 @@ REPLACEMENT_CHAR = "\ufffd"
 # vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET: prompt tokens decoded as left context, so that the
 # first output token decodes as it does mid-text (a SentencePiece word's leading space survives).
 NUM_PROMPT_CONTEXT_TOKENS = 5
-# A UTF-8 character is at most 4 bytes, so at most 4 tokens can still be waiting for their character's
-# end; more pending tokens than this means the text really holds U+FFFD (invalid bytes), not a split.
+# A UTF-8 character is at most 4 bytes, so only the last 4 pending tokens can still be waiting for their
+# character's end; past MAX_PENDING_TOKENS the earlier ones are released (their U+FFFD is real).
 MAX_PENDING_TOKENS = 8
 MAX_TOKENS_PER_CHARACTER = 4
 
@@ -27,7 +27,8 @@ class IncrementalDetokenizer:
     Contract: for a byte-level tokenizer, the concatenation of every `push` plus the final `flush` equals
     `tokenizer.decode(all pushed ids, skip_special_tokens)`; without `flush`, it does so whenever the
     output does not end mid-character. The window holds at most the tokens of the last two pushes that
-    produced text (plus MAX_PENDING_TOKENS), so a push costs O(delta), never O(output length).
+    produced text, and pending tokens past MAX_PENDING_TOKENS are released, so a push costs O(delta),
+    never O(output length).
     When `skip_special_tokens` is set, special ids never enter the window.
     """
 

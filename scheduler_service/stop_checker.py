@@ -54,9 +54,9 @@ class StopChecker:
     """The stop conditions of one request.
 
     Token rules, in order for each output token: EOS (unless `ignore_eos`) and stop_token_ids stop with
-    STOP, but only from the `min_tokens`-th output token on (that token included); then the `max_tokens`-th output token, or the token that makes prompt + output reach `max_model_len`,
-    stops with LENGTH (a stop token at that position reports STOP). Tokens after the stopping one are
-    dropped.
+    STOP, but only from the `min_tokens`-th output token on (that token included); then the
+    `max_tokens`-th output token, or the token that makes prompt + output reach `max_model_len`, stops
+    with LENGTH (a stop token at that position reports STOP). Tokens after the stopping one are dropped.
 
     Text rule: the emitted text is the full text cut right before the first stop string to complete
     (reading left to right; of two completing at the same character, the longer), so the cut does not
@@ -117,7 +117,7 @@ class StopChecker:
         `scan_tokens(new_token_ids).num_tokens_to_detokenize` tokens (see the module docstring).
         A decision that finishes releases all withheld text; the checker accepts nothing afterwards."""
         if self._finish_reason is not None:
-            raise RuntimeError(f"the request already finished ({self._finish_reason.value}); check() again")
+            raise RuntimeError(f"the request already finished ({self._finish_reason.value}); stop sending it deltas")
         verdict = self.scan_tokens(new_token_ids)
         self._num_output_tokens += verdict.num_tokens_to_emit
         text = self._withheld_text + new_text
@@ -129,7 +129,8 @@ class StopChecker:
             index, stop = match
             return self._finish(FinishReason.STOP, verdict.num_tokens_to_emit, text[:index], stop)
         if verdict.finish_reason is not None:
-            return self._finish(verdict.finish_reason, verdict.num_tokens_to_emit, text, verdict.stop_token_id)
+            reason = verdict.finish_reason
+            return self._finish(reason, verdict.num_tokens_to_emit, text, verdict.stop_token_id)
         num_released = max(len(text) - self._num_withheld_chars, 0)
         self._withheld_text = text[num_released:]
         self._num_released_chars += num_released

@@ -15,7 +15,7 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 class Tokenizer:
-    """Encodes prompts and decodes outputs exactly as `transformers.AutoTokenizer` does for the same directory.
+    """Encodes and decodes exactly as `transformers.AutoTokenizer` does for the same directory.
 
     `encode` adds the special tokens HF's `tokenizer(text)` adds, which tokenizer.json's post-processor
     alone decides: transformers 5 drops `add_bos_token` / `add_eos_token` from tokenizer_config.json

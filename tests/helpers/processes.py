@@ -78,6 +78,19 @@ def running_executor(model_dir: str | Path, *extra: str) -> Iterator[str]:
     """An executor process serving `model_dir` on CPU; yields its address once SERVING."""
     port = free_port()
     address = f"127.0.0.1:{port}"
-    args = ["executor", "--model", str(model_dir), "--port", str(port), "--device", "cpu", *extra]
+    args = ["executor", "--model", str(model_dir), "--port", str(port), "--device", "cpu", "--num-threads", "1", *extra]
     with running(args, address):
         yield address
+
+
+@contextlib.contextmanager
+def running_server(
+    model_dir: str | Path, executor_args: tuple[str, ...] = (), scheduler_args: tuple[str, ...] = ()
+) -> Iterator[str]:
+    """An executor and a scheduler process; yields the scheduler's address once it is ready."""
+    with running_executor(model_dir, *executor_args) as executor_address:
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        args = ["scheduler", "--executor", executor_address, "--port", str(port), *scheduler_args]
+        with running(args, address, service="pagewire.v1.Generation"):
+            yield address

@@ -50,10 +50,12 @@ def executor_address(model_dir: Path) -> str:
 
 
 def hf_greedy(model_dir: Path, prompt: list[int], num_new_tokens: int) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.generation_config.eos_token_id = None
+    # An explicit mask: without it, generate treats prompt tokens equal to pad_token_id as padding.
     out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=num_new_tokens, do_sample=False, pad_token_id=0
+        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=num_new_tokens, do_sample=False, pad_token_id=0,
     )
     return out[0, len(prompt):].tolist()
 

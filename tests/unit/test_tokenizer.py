@@ -52,7 +52,8 @@ def _assert_matches_hf(directory: Path) -> Tokenizer:
         ids = ours.encode(text)
         assert ids == reference(text)["input_ids"], text
         for skip in (True, False):
-            assert ours.decode(ids, skip_special_tokens=skip) == reference.decode(ids, skip_special_tokens=skip)
+            expected = reference.decode(ids, skip_special_tokens=skip)
+            assert ours.decode(ids, skip_special_tokens=skip) == expected
     assert ours.bos_token_id == reference.bos_token_id
     assert ours.eos_token_id == reference.eos_token_id
     assert ours.vocab_size == len(reference)
