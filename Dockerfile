@@ -24,7 +24,7 @@ RUN python -m venv /opt/venv \
 WORKDIR /app
 # Dependencies before sources, so editing code does not reinstall them.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt grpcio-tools \
     && if [ -n "${CUPY_PACKAGE}" ]; then pip install "${CUPY_PACKAGE}"; fi

@@ -43,6 +43,12 @@ generate: install
 test: install
 	$(PY) -m pytest -q tests
 
+# The CPU comparison (pagewire vs transformers, under 10 minutes on 2 cores): writes
+# benchmarks/results/compare.{json,md} and the table in benchmarks/README.md. ARGS adds flags.
+.PHONY: bench
+bench: install
+	$(PY) -m shared.cli bench compare --readme benchmarks/README.md $(ARGS)
+
 test-unit: install
 	$(PY) -m pytest -q tests/unit
 
@@ -51,6 +57,27 @@ test-integration: install
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu tests/gpu
+
+# A lent GPU machine has no network, grpcio-tools or structlog: `make gpu-bundle` (here, on the CPU
+# machine) puts the generated protobuf modules and cp312 wheels into .gpu-bundle/, which travels with
+# the checkout; `make gpu-check` (there) runs the GPU suite and the kernel benchmark into RESULTS_DIR.
+# See the Kernels section of benchmarks/README.md for the exact device command.
+GPU_BUNDLE := .gpu-bundle
+RESULTS_DIR ?= benchmarks/results
+
+.PHONY: gpu-bundle gpu-check
+
+gpu-bundle: install
+	rm -rf $(GPU_BUNDLE)
+	mkdir -p $(GPU_BUNDLE)/wheels
+	cp -r shared/pb $(GPU_BUNDLE)/pb
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(GPU_BUNDLE)/wheels $$($(PIP) list --format=freeze \
+		| grep -iE '^(structlog|protobuf|grpcio|grpcio-health-checking|grpcio-reflection)==')
+
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check --results-dir $(RESULTS_DIR)
 
 clean:
 	rm -rf $(VENV) shared/pb

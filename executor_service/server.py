@@ -22,8 +22,12 @@ SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
-async def serve(config: ExecutorConfig, shutdown_grace_seconds: float = 5.0) -> None:
-    """Serves until SIGTERM/SIGINT; the health service says SERVING only once the model is loaded."""
+async def serve(config: ExecutorConfig, shutdown_grace_seconds: float = 1.0) -> None:
+    """Serves until SIGTERM/SIGINT; the health service says SERVING only once the model is loaded.
+
+    The grace period is short on purpose: the only long RPC is the scheduler's Step stream, which never
+    ends by itself; one step finishes well within it, and the scheduler recomputes whatever it loses.
+    """
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -21,13 +21,14 @@ from scheduler_service.scheduler_config import SchedulerConfig
 from scheduler_service.sequence import Sequence
 from scheduler_service.step_stats import StepStats
 from scheduler_service.tokenizer import Tokenizer
-from shared.errors import ResourceExhausted, Unavailable
+from shared.errors import PagewireError, ResourceExhausted, Unavailable
 from shared.sampling_params import SamplingParams
 from shared.step_plan import SequenceId
 
 log = structlog.get_logger(__name__)
 
 RECONNECT_INTERVAL_SECONDS = 0.5
+UNUSABLE_RETRY_SECONDS = 5.0
 
 
 class Engine:
@@ -73,9 +74,14 @@ class Engine:
         await self.client.close()
 
     def add_request(
-        self, prompt_token_ids: tuple[int, ...], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: tuple[int, ...],
+        params: SamplingParams,
+        request_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> RequestState:
-        """Queues a validated request; raises Unavailable or ResourceExhausted."""
+        """Queues a validated request; raises Unavailable or ResourceExhausted. Requests share cached
+        prefix KV only when their `cache_salt`s are equal."""
         if not self.is_ready:
             raise Unavailable("the scheduler is not connected to a ready executor; retry shortly")
         assert self.scheduler is not None and self.description is not None and self.tokenizer is not None
@@ -100,6 +106,7 @@ class Engine:
                 prompt_token_ids=prompt_token_ids,
                 arrival_index=sequence_id,
                 sampling=params.to_options(self.description.eos_token_ids),
+                cache_salt=cache_salt,
             )
         )
         self.requests[sequence_id] = request
@@ -116,19 +123,38 @@ class Engine:
 
     async def _run(self) -> None:
         while True:
-            if not self.client.is_connected:
-                await self._connect()
-                continue
-            if self.scheduler is None or not self.scheduler.has_work:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
             try:
-                await self._step()
+                if not self.client.is_connected:
+                    await self._connect()
+                elif self.scheduler is None or not self.scheduler.has_work:
+                    await self._idle()
+                else:
+                    await self._step()
             except Unavailable as error:
-                log.warning("executor_lost", error=str(error))
-                self._lost_since = time.monotonic()
-                self.on_ready_change(False)
+                self._on_executor_lost(str(error))
+            except Exception as error:  # noqa: BLE001 (the loop must outlive a bug; clients must not hang)
+                log.exception("engine_step_failed")
+                self._fail_live_requests(PagewireError(f"internal error in the engine: {error!r}"))
+                await self.client.close()
+                self._on_executor_lost("engine error")
+
+    async def _idle(self) -> None:
+        """Waits for work, or for the executor's stream to end (noticed even with no request running)."""
+        self._wake.clear()
+        woken = asyncio.ensure_future(self._wake.wait())
+        closed = asyncio.ensure_future(self.client.wait_closed())
+        done, pending = await asyncio.wait({woken, closed}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if closed in done:
+            await self.client.close()
+            raise Unavailable(f"executor {self.client.address} closed the step stream")
+
+    def _on_executor_lost(self, reason: str) -> None:
+        log.warning("executor_lost", reason=reason)
+        if self._lost_since is None:
+            self._lost_since = time.monotonic()
+        self.on_ready_change(False)
 
     async def _connect(self) -> None:
         try:
@@ -137,13 +163,15 @@ class Engine:
             self._fail_live_requests_after_grace()
             await asyncio.sleep(RECONNECT_INTERVAL_SECONDS)
             return
-        if self.scheduler is not None and self.description is not None and (
-            self.description.same_cache_geometry(description)
-        ):
-            self.scheduler.reset_executor_state()
-        else:
-            self._fail_live_requests(Unavailable("the executor changed; resend the request"))
-            self._build(description)
+        try:
+            self._prepare(description)
+        except ValueError as error:
+            # The executor cannot serve these settings (e.g. its KV pool is smaller than max_model_len).
+            log.error("executor_unusable", address=self.client.address, reason=str(error))
+            await self.client.close()
+            self._fail_live_requests(Unavailable(f"the executor cannot serve: {error}"))
+            await asyncio.sleep(UNUSABLE_RETRY_SECONDS)
+            return
         self.description = description
         self._lost_since = None
         self.on_ready_change(True)
@@ -152,6 +180,16 @@ class Engine:
             "executor_connected", address=self.client.address, model=description.model_name,
             device=description.device, num_device_blocks=description.num_device_blocks,
         )
+
+    def _prepare(self, description: ExecutorDescription) -> None:
+        """Keeps the scheduler for the same executor geometry (recomputing what ran), else rebuilds it."""
+        if self.scheduler is not None and self.description is not None and (
+            self.description.same_cache_geometry(description)
+        ):
+            self.scheduler.reset_executor_state()
+        else:
+            self._fail_live_requests(Unavailable("the executor changed; resend the request"))
+            self._build(description)
 
     def _build(self, description: ExecutorDescription) -> None:
         config = self.config
@@ -162,9 +200,13 @@ class Engine:
             max_model_len=max_model_len,
             block_size=description.block_size,
             num_device_blocks=description.num_device_blocks,
+            num_host_blocks=description.num_host_blocks,
+            preemption_mode=config.preemption_mode,
+            transfer_speeds=description.transfer_speeds,
         )
         pool = BlockPool(description.num_device_blocks)
-        self.scheduler = Scheduler(scheduler_config, KVCacheManager(pool, description.block_size))
+        kv_cache_manager = KVCacheManager(pool, description.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler_config, kv_cache_manager)
         self.tokenizer = Tokenizer.from_pretrained_dir(config.tokenizer_dir or description.model_path)
 
     def _fail_live_requests_after_grace(self) -> None:
@@ -172,7 +214,7 @@ class Engine:
             self._fail_live_requests(Unavailable(f"the executor {self.client.address} is unreachable"))
             self._lost_since = None
 
-    def _fail_live_requests(self, error: Unavailable) -> None:
+    def _fail_live_requests(self, error: PagewireError) -> None:
         for sequence_id, request in list(self.requests.items()):
             if self.scheduler is not None:
                 self.scheduler.abort_sequence(sequence_id)
@@ -199,6 +241,9 @@ class Engine:
             return
         for output in outputs:
             request = self.requests.get(output.sequence_id)
+            seq = scheduler.get_sequence(output.sequence_id)
+            if request is not None and seq is not None:
+                request.num_cached_prompt_tokens = seq.num_cached_prompt_tokens or 0
             if request is not None and request.on_output(output):
                 del self.requests[output.sequence_id]
                 scheduler.finish_sequence(output.sequence_id)

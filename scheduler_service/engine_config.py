@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    """Flags follow vLLM's names where one exists. `max_model_len=None` takes the executor's."""
+    """Flags follow vLLM's names where one exists. `max_model_len=None` takes the executor's.
+
+    `preemption_mode` auto chooses swap or recompute per preempted request from the executor's
+    measured speeds; `enable_prefix_caching` shares the KV of common prompt prefixes between requests.
+    """
 
     executor_address: str
     host: str = "127.0.0.1"
@@ -16,7 +20,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     max_queued_requests: int = 1024
-    preemption_mode: str = "recompute"
+    preemption_mode: str = "auto"
+    enable_prefix_caching: bool = True
     tokenizer_dir: str | None = None
     # How long a lost executor may take to come back before live requests fail with UNAVAILABLE.
     reconnect_grace_seconds: float = 10.0

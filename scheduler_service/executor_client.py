@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from scheduler_service.executor_description import ExecutorDescription
@@ -58,10 +60,19 @@ class ExecutorClient:
         except grpc.aio.AioRpcError as error:
             await self.close()
             raise Unavailable(f"executor {self.address} stream failed: {error.details()}") from error
+        except asyncio.InvalidStateError as error:
+            # The call had already ended (the executor went away while we were idle).
+            await self.close()
+            raise Unavailable(f"executor {self.address} closed the step stream") from error
         if message is grpc.aio.EOF:
             await self.close()
             raise Unavailable(f"executor {self.address} closed the step stream")
         return result_from_pb(message)
+
+    async def wait_closed(self) -> None:
+        """Returns when the Step stream has ended (at once when there is none)."""
+        if self._call is not None:
+            await self._call.code()
 
     async def close(self) -> None:
         if self._call is not None:

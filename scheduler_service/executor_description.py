@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scheduler_service.preemption_policy import TransferSpeeds
 from shared.pb.pagewire.v1 import executor_pb2 as pb
 
 
@@ -49,7 +50,17 @@ class ExecutorDescription:
             max_logprobs=message.max_logprobs,
         )
 
-    def same_cache_geometry(self, other: ExecutorDescription) -> bool:
-        return (self.block_size, self.num_device_blocks, self.vocab_size, self.model_path) == (
-            other.block_size, other.num_device_blocks, other.vocab_size, other.model_path,
+    @property
+    def transfer_speeds(self) -> TransferSpeeds:
+        return TransferSpeeds(
+            bytes_per_block=self.bytes_per_block,
+            swap_out_bytes_per_second=self.swap_out_bytes_per_second,
+            swap_in_bytes_per_second=self.swap_in_bytes_per_second,
+            prefill_tokens_per_second=self.prefill_tokens_per_second,
         )
+
+    def same_cache_geometry(self, other: ExecutorDescription) -> bool:
+        def geometry(d: ExecutorDescription) -> tuple[object, ...]:
+            return (d.block_size, d.num_device_blocks, d.num_host_blocks, d.vocab_size, d.model_path)
+
+        return geometry(self) == geometry(other)

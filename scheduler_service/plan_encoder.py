@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from collections.abc import Sequence as SequenceOf
 
 from scheduler_service.sequence import Sequence
-from shared.step_plan import BlockId, ContinuedSequence, NewSequence, SequenceId, StepPlan
+from shared.step_plan import BlockId, BlockPairs, ContinuedSequence, NewSequence, SequenceId, StepPlan
 
 
 class PlanEncoder:
@@ -39,13 +39,16 @@ class PlanEncoder:
         scheduled: Iterable[tuple[Sequence, int, SequenceOf[BlockId]]],
         finished_sequence_ids: SequenceOf[SequenceId] = (),
         preempted_sequence_ids: SequenceOf[SequenceId] = (),
+        swap_out: BlockPairs = BlockPairs(),
+        swap_in: BlockPairs = BlockPairs(),
     ) -> StepPlan:
         """Build the next plan from (sequence, tokens to compute this step, full block table) triples.
 
         Each sequence's `num_computed_tokens` must still be the count before this step. Finished and
         preempted ids must be held by the executor; they are dropped before the scheduled sequences
         are encoded, matching the executor's execution order, so a preempted id may come back as new
-        in the same plan.
+        in the same plan. `swap_out` (device -> host) and `swap_in` (host -> device) block pairs go out
+        as given; the executor runs them, in that order, before the forward.
         """
         for sequence_id in (*finished_sequence_ids, *preempted_sequence_ids):
             assert sequence_id in self._num_sent_block_ids, f"executor does not hold sequence {sequence_id}"
@@ -84,6 +87,8 @@ class PlanEncoder:
             continued_sequences=tuple(continued_sequences),
             finished_sequence_ids=tuple(finished_sequence_ids),
             preempted_sequence_ids=tuple(preempted_sequence_ids),
+            swap_out=swap_out,
+            swap_in=swap_in,
         )
 
     def reset(self) -> None:

@@ -5,11 +5,20 @@ from __future__ import annotations
 import bisect
 from collections import deque
 
+import structlog
+
 from scheduler_service.kv_cache_manager import KVCacheManager
 from scheduler_service.plan_encoder import PlanEncoder
+from scheduler_service.preemption_policy import PreemptionMode, PreemptionPolicy
 from scheduler_service.scheduler_config import SchedulerConfig
+from scheduler_service.scheduler_counters import SchedulerCounters
 from scheduler_service.sequence import Sequence, SequenceStatus
-from shared.step_plan import SequenceId, SequenceOutput, StepPlan, StepResult
+from scheduler_service.swap_space import SwapSpace
+from shared.step_plan import BlockId, BlockPairs, SequenceId, SequenceOutput, StepPlan, StepResult
+
+log = structlog.get_logger(__name__)
+
+BlockPair = tuple[BlockId, BlockId]
 
 
 class StepRejected(RuntimeError):
@@ -21,19 +30,21 @@ class StepRejected(RuntimeError):
 
 
 class Scheduler:
-    """Decides each step which sequences compute how many tokens; composes the KV cache manager and
-    the plan encoder.
+    """Decides each step which sequences compute how many tokens; composes the KV cache manager (with
+    the prefix cache), the swap space, the preemption policy and the plan encoder.
 
     Tokens, not phases: every sequence computes `min(num_tokens - num_computed_tokens, budget)`
-    tokens, so prefill, chunked prefill, resume after preemption and decode are one code path.
-    `num_computed_tokens` advances when a step is scheduled, not when its result arrives.
+    tokens, so prefill, chunked prefill, prefix-cache hits, resume after preemption and decode are one
+    code path. `num_computed_tokens` advances when a step is scheduled, not when its result arrives.
 
     Priority is arrival: `running` is kept in arrival order, and when blocks run out the latest-arrived
-    running sequence is preempted (recompute) to the front of `waiting`, so preempted work resumes
-    before new admissions. Invariants (`check_integrity`): a live sequence is in exactly one of
-    `waiting` / `running`, both in arrival order; running tables cover their computed tokens; waiting
-    sequences hold no blocks; the executor holds exactly the running sequences plus those whose end it
-    has not yet been told.
+    running sequence is preempted (swap or recompute, see `_preempt`) to the front of `waiting`, so
+    preempted work resumes before new admissions. A step that preempts admits nothing, so a plan
+    carries swap_out pairs or swap_in pairs, never both. Invariants (`check_integrity`): a live sequence
+    is in exactly one of `waiting` / `running`, both in arrival order; running tables cover their
+    computed tokens; waiting sequences hold no device blocks; swapped ones, and only they, hold host
+    blocks covering their computed tokens; the executor holds exactly the running sequences plus those
+    whose end it has not yet been told.
     """
 
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
@@ -49,7 +60,10 @@ class Scheduler:
             )
         self.config = config
         self.kv_cache_manager = kv_cache_manager
+        self.swap_space = SwapSpace(config.num_host_blocks)
+        self.preemption_policy = PreemptionPolicy(config.preemption_mode, config.transfer_speeds)
         self.plan_encoder = PlanEncoder()
+        self.counters = SchedulerCounters()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._sequences: dict[SequenceId, Sequence] = {}
@@ -58,8 +72,6 @@ class Scheduler:
         # Per plan in flight, oldest first: its step id and, per scheduled sequence still live and not
         # preempted since, whether the step samples a token for it.
         self._in_flight: deque[tuple[int, dict[SequenceId, bool]]] = deque()
-        self._num_preemptions = 0
-        self._num_prompt_tokens_computed = 0
 
     @property
     def num_running(self) -> int:
@@ -67,16 +79,21 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
+        """Waiting sequences, swapped-out ones included."""
         return len(self.waiting)
 
     @property
+    def num_swapped(self) -> int:
+        return len(self.swap_space.sequence_ids())
+
+    @property
     def num_preemptions(self) -> int:
-        return self._num_preemptions
+        return self.counters.num_preemptions
 
     @property
     def num_prompt_tokens_computed(self) -> int:
         """Tokens at prompt positions scheduled so far, recomputation after preemption included."""
-        return self._num_prompt_tokens_computed
+        return self.counters.num_prompt_tokens_computed
 
     @property
     def num_in_flight(self) -> int:
@@ -113,24 +130,28 @@ class Scheduler:
 
         Running sequences go first, in arrival order, then waiting sequences are admitted in order
         while the token budget, the sequence cap and the free blocks last; the first that does not fit
-        stops admission, and none follows a preemption in the same step. Admission in arrival order
-        keeps every running sequence ahead of every waiting one, so a partially computed prompt is
-        always the latest-arrived running sequence: decodes come before it and never stall behind it.
-        A running sequence whose sampled token is still in flight has nothing to compute and is skipped.
+        stops admission, and none follows a preemption in the same step. A swapped-out sequence is
+        admitted by swapping its blocks back in; any other starts from its longest cached prefix.
+        Admission in arrival order keeps every running sequence ahead of every waiting one, so a
+        partially computed prompt is always the latest-arrived running sequence: decodes come before
+        it and never stall behind it. A running sequence whose sampled token is still in flight has
+        nothing to compute and is skipped.
         """
-        kv = self.kv_cache_manager
         budget = self.config.max_num_batched_tokens
         scheduled: dict[SequenceId, int] = {}
         preempted_ids: list[SequenceId] = []
+        swap_out: list[BlockPair] = []
+        swap_in: list[BlockPair] = []
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens == 0:
                 continue
             num_new_tokens = min(seq.num_uncomputed_tokens, budget)
-            victims = self._allocate_or_preempt(seq, seq.num_computed_tokens + num_new_tokens)
+            victims = self._allocate_or_preempt(seq, seq.num_computed_tokens + num_new_tokens, swap_out)
             preempted_ids.extend(victim.sequence_id for victim in victims)
             if seq.status is SequenceStatus.RUNNING:
+                self._cache_computed_blocks(seq, seq.num_computed_tokens + num_new_tokens)
                 scheduled[seq.sequence_id] = num_new_tokens
                 budget -= num_new_tokens
 
@@ -138,41 +159,98 @@ class Scheduler:
             not preempted_ids and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
-            if seq.num_computed_tokens == 0:
-                seq.num_computed_tokens = kv.allocate_cached_prefix(seq.sequence_id, seq.token_ids)
-            num_new_tokens = min(seq.num_uncomputed_tokens, budget)
-            assert num_new_tokens > 0, f"waiting sequence {seq.sequence_id} has nothing to compute"
-            if kv.allocate_slots(seq.sequence_id, seq.num_computed_tokens + num_new_tokens) is None:
-                kv.free(seq.sequence_id)
-                seq.num_computed_tokens = 0
+            if seq.status is SequenceStatus.SWAPPED:
+                num_new_tokens = self._swap_in(seq, budget, swap_in)
+            else:
+                num_new_tokens = self._admit(seq, budget)
+            if num_new_tokens is None:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival_index)
+            self._cache_computed_blocks(seq, seq.num_computed_tokens + num_new_tokens)
             scheduled[seq.sequence_id] = num_new_tokens
             budget -= num_new_tokens
 
+        # Host blocks read by a swap_in are free again at once: safe only because no swap_out (which
+        # the executor runs first) shares the plan.
+        assert not (swap_out and swap_in), "a plan swaps out and in"
         finished_ids, self._finished_ids_to_send = self._finished_ids_to_send, []
         if not scheduled and not finished_ids and not preempted_ids:
             return None
+        kv = self.kv_cache_manager
         plan = self.plan_encoder.encode(
             [(self._sequences[sid], num, kv.block_ids(sid)) for sid, num in scheduled.items()],
             finished_ids,
             preempted_ids,
+            swap_out=_block_pairs(swap_out),
+            swap_in=_block_pairs(swap_in),
         )
         samples: dict[SequenceId, bool] = {}
         for sid, num_new_tokens in scheduled.items():
             seq = self._sequences[sid]
             start = seq.num_computed_tokens
-            self._num_prompt_tokens_computed += max(
-                0, min(start + num_new_tokens, seq.num_prompt_tokens) - start
-            )
-            seq.num_computed_tokens += num_new_tokens
-            samples[sid] = seq.num_computed_tokens == seq.num_tokens
+            end = start + num_new_tokens
+            self.counters.num_prompt_tokens_computed += max(0, min(end, seq.num_prompt_tokens) - start)
+            self.counters.num_tokens_recomputed += max(0, min(end, seq.recompute_until) - start)
+            seq.num_computed_tokens = end
+            samples[sid] = end == seq.num_tokens
         self._in_flight.append((plan.step_id, samples))
         return plan
 
-    def _allocate_or_preempt(self, seq: Sequence, num_tokens: int) -> list[Sequence]:
+    def _admit(self, seq: Sequence, budget: int) -> int | None:
+        """Give a waiting (not swapped) sequence its longest cached prefix and blocks for the next
+        `budget` tokens at most; returns the tokens to compute, or None (holding nothing) when the
+        blocks are not free."""
+        kv = self.kv_cache_manager
+        num_cached_tokens = kv.allocate_cached_prefix(seq.sequence_id, seq.token_ids, seq.cache_extra_keys)
+        num_new_tokens = min(seq.num_tokens - num_cached_tokens, budget)
+        assert num_new_tokens > 0, f"waiting sequence {seq.sequence_id} has nothing to compute"
+        if kv.allocate_slots(seq.sequence_id, num_cached_tokens + num_new_tokens) is None:
+            kv.free(seq.sequence_id)
+            return None
+        seq.num_computed_tokens = num_cached_tokens
+        num_cached_prompt_tokens = min(num_cached_tokens, seq.num_prompt_tokens)
+        if seq.num_cached_prompt_tokens is None:
+            seq.num_cached_prompt_tokens = num_cached_prompt_tokens
+        self.counters.num_prompt_tokens_cached += num_cached_prompt_tokens
+        return num_new_tokens
+
+    def _swap_in(self, seq: Sequence, budget: int, swap_in: list[BlockPair]) -> int | None:
+        """Give a swapped-out sequence fresh device blocks, record the host -> device pairs that bring
+        its K/V back and free its host blocks; returns the tokens to compute, or None (changing
+        nothing) when the device blocks are not free.
+
+        At least one token is computed, so the step samples: if the sequence's last sampled token was
+        dropped in flight when it was preempted, its computed tokens reach the end of its known
+        tokens and the last one is computed again (same K/V, same slot).
+        """
+        kv = self.kv_cache_manager
+        num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
+        num_new_tokens = min(seq.num_tokens - num_computed_tokens, budget)
+        device_block_ids = kv.allocate_slots(seq.sequence_id, num_computed_tokens + num_new_tokens)
+        if device_block_ids is None:
+            return None
+        host_block_ids = self.swap_space.block_ids(seq.sequence_id)
+        assert len(device_block_ids) >= len(host_block_ids)
+        swap_in.extend(zip(host_block_ids, device_block_ids))
+        self.swap_space.free(seq.sequence_id)
+        self.counters.num_blocks_swapped_in += len(host_block_ids)
+        seq.num_computed_tokens = num_computed_tokens
+        return num_new_tokens
+
+    def _cache_computed_blocks(self, seq: Sequence, num_computed_tokens: int) -> None:
+        """Offer the blocks this step fills to the prefix cache as soon as it is scheduled, so that a
+        sequence admitted later in the same step can reuse them (see `cache_full_blocks`)."""
+        kv = self.kv_cache_manager
+        # Building token_ids costs O(tokens): only when a block filled up since the last offer.
+        num_full_blocks = num_computed_tokens // kv.block_size
+        if kv.enable_prefix_caching and num_full_blocks > kv.num_offered_blocks(seq.sequence_id):
+            kv.cache_full_blocks(seq.sequence_id, seq.token_ids, num_computed_tokens, seq.cache_extra_keys)
+
+    def _allocate_or_preempt(
+        self, seq: Sequence, num_tokens: int, swap_out: list[BlockPair]
+    ) -> list[Sequence]:
         """Grow `seq`'s table to `num_tokens`, preempting the latest-arrived running sequence until it
         fits; returns the victims, ending with `seq` itself when it was the latest left. Running is in
         arrival order and scheduled front to back, so a victim was never scheduled earlier this step.
@@ -182,28 +260,58 @@ class Scheduler:
         victims: list[Sequence] = []
         while self.kv_cache_manager.allocate_slots(seq.sequence_id, num_tokens) is None:
             victim = self.running[-1]
-            self._preempt(victim)
+            self._preempt(victim, swap_out)
             victims.append(victim)
             if victim is seq:
                 break
         return victims
 
-    def _preempt(self, victim: Sequence) -> None:
-        """Take the latest-arrived running sequence off the device, by recompute.
+    def _preempt(self, victim: Sequence, swap_out: list[BlockPair]) -> None:
+        """Take the latest-arrived running sequence off the device by swap or recompute, as the
+        preemption policy chooses (logged with both cost estimates); its device blocks are free on
+        return, and it waits at the front of the queue.
 
-        Recompute drops its blocks and computed tokens; it waits at the front of the queue and is
-        re-sent in full (prompt and outputs so far). Swap will plug in here: choose per victim by
-        estimated cost (KV bytes / swap bandwidth vs tokens / prefill throughput), keep the computed
-        tokens in host blocks and record swap_out block pairs for the plan.
+        Swap: the blocks holding its computed tokens are copied to host blocks by this plan's
+        swap_out, which the executor runs before anything else touches device blocks, so they can be
+        handed to another sequence in the same plan. It keeps its computed tokens (SWAPPED).
+        Recompute: its computed tokens are dropped (its full blocks stay in the prefix cache until
+        evicted, making the recompute cheaper); it is re-sent in full later, prompt and outputs so far.
         """
         assert victim is self.running[-1], "only the latest-arrived running sequence is preempted"
         assert self.plan_encoder.knows(victim.sequence_id), f"executor does not hold {victim.sequence_id}"
+        kv = self.kv_cache_manager
+        num_blocks = -(-victim.num_computed_tokens // kv.block_size)
+        num_tokens_to_recompute = max(1, victim.num_tokens - kv.num_shared_prefix_tokens(victim.sequence_id))
+        decision = self.preemption_policy.choose(
+            num_blocks=num_blocks,
+            num_tokens_to_recompute=num_tokens_to_recompute,
+            num_free_host_blocks=self.swap_space.num_free_blocks,
+        )
+        log.info(
+            "sequence_preempted",
+            sequence_id=victim.sequence_id,
+            mode=decision.mode.value,
+            reason=decision.reason,
+            swap_seconds=decision.swap_seconds,
+            recompute_seconds=decision.recompute_seconds,
+            num_blocks=num_blocks,
+            num_tokens_to_recompute=num_tokens_to_recompute,
+        )
         self.running.pop()
-        self.kv_cache_manager.free(victim.sequence_id)
-        victim.num_computed_tokens = 0
-        victim.status = SequenceStatus.WAITING
+        if decision.mode is PreemptionMode.SWAP:
+            host_block_ids = self.swap_space.allocate(victim.sequence_id, num_blocks)
+            assert host_block_ids is not None, "the policy swapped with too few free host blocks"
+            swap_out.extend(zip(kv.block_ids(victim.sequence_id)[:num_blocks], host_block_ids))
+            victim.status = SequenceStatus.SWAPPED
+            self.counters.num_preemptions_swap += 1
+            self.counters.num_blocks_swapped_out += num_blocks
+        else:
+            victim.recompute_until = max(victim.recompute_until, victim.num_computed_tokens)
+            victim.num_computed_tokens = 0
+            victim.status = SequenceStatus.WAITING
+            self.counters.num_preemptions_recompute += 1
+        kv.free(victim.sequence_id)
         victim.num_preemptions += 1
-        self._num_preemptions += 1
         self.waiting.appendleft(victim)
         self._forget_in_flight(victim.sequence_id)
 
@@ -256,6 +364,7 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         self.kv_cache_manager.free(seq.sequence_id)
+        self.swap_space.free(seq.sequence_id)
         seq.status = SequenceStatus.FINISHED
         del self._sequences[seq.sequence_id]
         self._forget_in_flight(seq.sequence_id)
@@ -264,13 +373,22 @@ class Scheduler:
 
     def reset_executor_state(self) -> None:
         """The stream to the executor was replaced and the new one holds nothing: every running sequence
-        goes back to the front of the queue for recompute, and plans in flight are forgotten."""
+        goes back to the front of the queue for recompute, and plans in flight are forgotten.
+
+        The executor's K/V cannot be trusted either (it may have restarted, and a rejected plan never
+        wrote the blocks it was to fill), so the prefix cache is emptied and swapped-out sequences fall
+        back to recompute, their host blocks freed.
+        """
         for seq in reversed(self.running):
-            self.kv_cache_manager.free(seq.sequence_id)
-            seq.num_computed_tokens = 0
-            seq.status = SequenceStatus.WAITING
             self.waiting.appendleft(seq)
         self.running.clear()
+        for seq in self.waiting:
+            self.kv_cache_manager.free(seq.sequence_id)
+            self.swap_space.free(seq.sequence_id)
+            seq.recompute_until = max(seq.recompute_until, seq.num_computed_tokens)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+        self.kv_cache_manager.reset_prefix_cache()
         self.plan_encoder.reset()
         self._finished_ids_to_send.clear()
         self._in_flight.clear()
@@ -282,6 +400,7 @@ class Scheduler:
     def check_integrity(self) -> None:
         kv = self.kv_cache_manager
         kv.check_integrity()
+        self.swap_space.check_integrity()
         self.plan_encoder.check_integrity()
         running_ids = [seq.sequence_id for seq in self.running]
         waiting_ids = [seq.sequence_id for seq in self.waiting]
@@ -302,8 +421,23 @@ class Scheduler:
             assert num_sent == len(kv.block_ids(seq.sequence_id)), f"unsent blocks of {seq.sequence_id}"
         for seq in self.running[:-1]:
             assert seq.num_uncomputed_tokens <= 1, f"{seq.sequence_id} is a partial prompt but not the latest"
+        swapped_ids = set()
         for seq in self.waiting:
-            assert seq.status is SequenceStatus.WAITING and seq.num_computed_tokens == 0
+            if seq.status is SequenceStatus.SWAPPED:
+                swapped_ids.add(seq.sequence_id)
+                assert 0 < seq.num_computed_tokens <= seq.num_tokens
+                num_host_blocks = len(self.swap_space.block_ids(seq.sequence_id))
+                assert num_host_blocks == -(-seq.num_computed_tokens // kv.block_size), (
+                    f"swapped {seq.sequence_id}: {num_host_blocks} host blocks for "
+                    f"{seq.num_computed_tokens} tokens"
+                )
+            else:
+                assert seq.status is SequenceStatus.WAITING and seq.num_computed_tokens == 0
+        assert set(self.swap_space.sequence_ids()) == swapped_ids, "a sequence not swapped holds host blocks"
         assert set(kv.sequence_ids()) <= set(running_ids), "a sequence that is not running holds blocks"
         assert self.plan_encoder.known_sequence_ids() == set(running_ids) | set(self._finished_ids_to_send)
         assert kv.num_free_blocks + kv.num_held_blocks() == kv.block_pool.num_blocks
+
+
+def _block_pairs(pairs: list[BlockPair]) -> BlockPairs:
+    return BlockPairs(tuple(src for src, _ in pairs), tuple(dst for _, dst in pairs))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUPPORTED_PREEMPTION_MODES = ("recompute",)
+from scheduler_service.preemption_policy import PREEMPTION_MODES, TransferSpeeds
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -16,6 +16,9 @@ class SchedulerConfig:
     The pool must hold one sequence of `max_model_len` tokens on its own: with that, the sequence a
     step keeps after preempting every later arrival always fits, so scheduling never livelocks
     (request validation guarantees prompt + max_tokens <= max_model_len).
+
+    `num_host_blocks` is the executor's swap pool (0: never swap). `preemption_mode` is auto, recompute
+    or swap (see PreemptionPolicy); auto needs the executor's `transfer_speeds`.
     """
 
     max_num_seqs: int = 256
@@ -23,7 +26,9 @@ class SchedulerConfig:
     max_model_len: int
     block_size: int
     num_device_blocks: int
+    num_host_blocks: int = 0
     preemption_mode: str = "recompute"
+    transfer_speeds: TransferSpeeds | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -36,10 +41,17 @@ class SchedulerConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        if self.preemption_mode not in SUPPORTED_PREEMPTION_MODES:
+        if self.num_host_blocks < 0:
+            raise ValueError(f"num_host_blocks must be >= 0, got {self.num_host_blocks}")
+        if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(
                 f"preemption_mode {self.preemption_mode!r} is not supported; use one of "
-                f"{', '.join(SUPPORTED_PREEMPTION_MODES)}"
+                f"{', '.join(PREEMPTION_MODES)}"
+            )
+        if self.preemption_mode == "auto" and self.transfer_speeds is None:
+            raise ValueError(
+                "preemption_mode 'auto' compares measured costs; pass the executor's transfer_speeds "
+                "or choose recompute or swap"
             )
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(

@@ -11,6 +11,8 @@ from shared.step_plan import SamplingOptions, SequenceId
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
+    # Preempted by swap: waits like WAITING, but its computed K/V sits in host blocks.
+    SWAPPED = enum.auto()
     FINISHED = enum.auto()
 
 
@@ -22,6 +24,10 @@ class Sequence:
     num_computed_tokens up to num_tokens"; the executor samples a new token whenever a step's tokens
     reach the end. Request-level state (stop conditions, max_tokens, detokenizer) lives in the engine.
     `arrival_index` is monotonic over requests; a lower index has higher priority.
+    `adapter_name` and `cache_salt` are the prefix cache's extra keys: sequences share cached K/V only
+    when both are equal. `num_cached_prompt_tokens` is what the prefix cache supplied at the first
+    admission (None before it); `recompute_until` marks the tokens whose K/V a recompute preemption
+    dropped, so computing them again is counted as recomputation.
     Invariant: 0 <= num_computed_tokens <= num_tokens.
     """
 
@@ -30,10 +36,14 @@ class Sequence:
     arrival_index: int
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     lora_slot: int | None = None
+    adapter_name: str | None = None
+    cache_salt: str | None = None
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     num_preemptions: int = 0
+    num_cached_prompt_tokens: int | None = None
+    recompute_until: int = 0
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = tuple(self.prompt_token_ids)
@@ -56,6 +66,10 @@ class Sequence:
     def token_ids(self) -> tuple[int, ...]:
         """The prompt followed by every output token so far."""
         return self.prompt_token_ids + tuple(self.output_token_ids)
+
+    @property
+    def cache_extra_keys(self) -> tuple[str | None, ...]:
+        return (self.adapter_name, self.cache_salt)
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -102,7 +102,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             max_model_len=engine.scheduler.config.max_model_len,
             num_prompt_tokens=len(prompt),
         )
-        state = engine.add_request(prompt, params, request.request_id or None)
+        state = engine.add_request(prompt, params, request.request_id or None, request.cache_salt or None)
         try:
             while True:
                 delta = await state.deltas.get()
@@ -121,6 +121,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         description, scheduler = engine.description, engine.scheduler
         if description is not None and scheduler is not None:
             pool = scheduler.kv_cache_manager.block_pool
+            counters = scheduler.counters
             info.model_name = description.model_name
             info.max_model_len = scheduler.config.max_model_len
             info.block_size = description.block_size
@@ -129,8 +130,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             info.num_host_blocks = description.num_host_blocks
             info.num_running = scheduler.num_running
             info.num_waiting = scheduler.num_waiting
-            info.num_preemptions = scheduler.num_preemptions
-            info.num_prompt_tokens_computed = scheduler.num_prompt_tokens_computed
+            info.num_preemptions = counters.num_preemptions
+            info.num_prompt_tokens_computed = counters.num_prompt_tokens_computed
+            info.num_prompt_tokens_cached = counters.num_prompt_tokens_cached
+            info.num_cached_device_blocks = pool.num_cached_blocks
+            info.num_free_cached_device_blocks = pool.num_free_cached_blocks()
+            info.num_free_host_blocks = scheduler.swap_space.num_free_blocks
+            info.num_swapped = scheduler.num_swapped
+            info.num_preemptions_recompute = counters.num_preemptions_recompute
+            info.num_preemptions_swap = counters.num_preemptions_swap
+            info.num_blocks_swapped_out = counters.num_blocks_swapped_out
+            info.num_blocks_swapped_in = counters.num_blocks_swapped_in
+            info.num_tokens_recomputed = counters.num_tokens_recomputed
             info.vocab_size = description.vocab_size
             info.executor_device = description.device
         return info

@@ -92,7 +92,14 @@ def _add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None, help="default: the executor's")
     p.add_argument("--max-queued-requests", type=int, default=1024)
-    p.add_argument("--preemption-mode", default="recompute", choices=["auto", "recompute", "swap"])
+    p.add_argument(
+        "--preemption-mode", default="auto", choices=["auto", "recompute", "swap"],
+        help="how a preempted request leaves the device; auto picks swap or recompute by measured cost",
+    )
+    p.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+        help="share the KV blocks of common prompt prefixes between requests (default: on)",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the executor's model)")
 
 
@@ -115,6 +122,7 @@ def _engine_config(args: argparse.Namespace, executor_address: str):  # -> Engin
         max_model_len=args.max_model_len,
         max_queued_requests=args.max_queued_requests,
         preemption_mode=args.preemption_mode,
+        enable_prefix_caching=args.enable_prefix_caching,
         tokenizer_dir=args.tokenizer,
     )
 
@@ -163,6 +171,58 @@ def _run_generate(args: argparse.Namespace) -> int:
     return generate_to_stdout(args)
 
 
+def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks: load a running server, or compare with transformers")
+    kinds = p.add_subparsers(dest="bench_command", required=True)
+
+    serve = kinds.add_parser("serve", help="send a workload to a running server and report serving metrics")
+    serve.add_argument("--address", default="127.0.0.1:50051")
+    serve.add_argument("--dataset", default="random", choices=["random", "shared-prefix", "sharegpt"])
+    serve.add_argument("--num-prompts", type=int, default=100)
+    serve.add_argument(
+        "--input-len", default="32:256", help="N or MIN:MAX (uniform); for shared-prefix, the suffix"
+    )
+    serve.add_argument(
+        "--output-len", default=None, help="N or MIN:MAX (default 64; sharegpt: each reply's length)"
+    )
+    serve.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: length of the prefix")
+    serve.add_argument("--dataset-path", default=None, help="sharegpt: a local JSON file, ShareGPT layout")
+    serve.add_argument("--tokenizer", default=None, help="sharegpt: the model's tokenizer directory")
+    serve.add_argument(
+        "--request-rate", type=float, default=float("inf"), help="requests/s, Poisson (default: all at once)"
+    )
+    serve.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--temperature", type=float, default=0.0)
+    serve.add_argument("--ignore-eos", action="store_true", help="generate exactly the output length")
+    serve.add_argument("--json", default=None, metavar="FILE", help="write every per-request figure here")
+    serve.add_argument("--plot", default=None, metavar="FILE.png", help="latencies and throughput over time")
+    serve.add_argument("--timeout", type=float, default=600.0, help="seconds for the server and each request")
+    serve.add_argument("--no-progress", action="store_true")
+
+    compare = kinds.add_parser("compare", help="the standard CPU comparison: pagewire vs transformers")
+    compare.add_argument("--output-dir", default="benchmarks/results", help="where the JSON and the table go")
+    compare.add_argument("--readme", default=None, help="a markdown file whose marked block gets the table")
+    compare.add_argument("--threads", default="1,2", help="torch thread counts to try for every system")
+    compare.add_argument("--num-requests", type=int, default=64)
+    compare.add_argument(
+        "--model-preset", default="standard", choices=["standard", "tiny"], help="tiny: a smoke run"
+    )
+    compare.add_argument("--overhead-sizes", default="1,16,64,256", help="running sequences to measure at")
+    compare.add_argument("--seed", type=int, default=0)
+
+    def run_bench(args: argparse.Namespace) -> int:
+        if args.bench_command == "serve":
+            from benchmarks.serve_bench import run_serve_bench
+
+            return run_serve_bench(args)
+        from benchmarks.compare import run_compare
+
+        return run_compare(args)
+
+    p.set_defaults(handler=run_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagewire", description="pagewire LLM serving engine")
     parser.add_argument("--log-level", default="info")
@@ -172,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(subparsers)
     _add_generate_parser(subparsers)
     _add_create_tiny_model_parser(subparsers)
+    _add_bench_parser(subparsers)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The ops interface every backend implements: K/V cache writes, paged attention, block copy and swap.
+"""The ops interface every backend implements: K/V cache writes, paged attention, block copy and swap, SGMV.
 
 Cache layout (per layer): `key_cache` and `value_cache` are `[num_blocks, block_size, num_kv_heads,
 head_dim]`; slot = block_id * block_size + offset.
@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from executor_service.attention_metadata import AttentionMetadata
+from executor_service.ops.sgmv_segments import SgmvSegments
 
 
 class OpsBackend(ABC):
@@ -67,4 +68,38 @@ class OpsBackend(ABC):
         """Copies blocks `src_caches[k][src] -> dst_caches[k][dst]` between devices (swap in or out).
 
         Complete (the data is in `dst_caches`) when the call returns.
+        """
+
+    @abstractmethod
+    def sgmv_shrink(
+        self,
+        x: torch.Tensor,
+        lora_a: torch.Tensor,
+        out: torch.Tensor,
+        segments: SgmvSegments,
+        scale: float,
+    ) -> None:
+        """The LoRA down-projection of a multi-adapter batch, written into `out` in place.
+
+        `x` `[num_tokens, in_features]`, `lora_a` `[num_slots, rank, in_features]` (PEFT's
+        `lora_A.weight` per slot), `out` `[num_tokens, rank]` float32. Overwrites all of `out`: row t of
+        a segment with slot s >= 0 becomes `scale * x[t] @ lora_a[s].T`, accumulated in float32; every
+        other row becomes 0.
+        """
+
+    @abstractmethod
+    def sgmv_expand(
+        self,
+        v: torch.Tensor,
+        lora_b: torch.Tensor,
+        out: torch.Tensor,
+        segments: SgmvSegments,
+    ) -> None:
+        """The LoRA up-projection of a multi-adapter batch, added to `out` in place.
+
+        `v` `[num_tokens, rank]` float32 (what `sgmv_shrink` wrote), `lora_b` `[num_slots,
+        out_features, rank]` (PEFT's `lora_B.weight` per slot), `out` `[num_tokens, out_features]`,
+        whose rows may be strided (a column slice of a fused projection). Row t of a segment with slot
+        s >= 0 becomes `out[t] + v[t] @ lora_b[s].T`, summed in float32 and rounded once to `out`'s
+        dtype; other rows are untouched.
         """

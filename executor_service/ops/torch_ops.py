@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from executor_service.attention_metadata import AttentionMetadata
+from executor_service.ops import torch_sgmv
 from executor_service.ops.base import OpsBackend
+from executor_service.ops.sgmv_segments import SgmvSegments
 
 # Sequences computing at most this many tokens (decodes, speculative verification) are batched
 # through the padded-gather path; longer prefill chunks run one sequence at a time through SDPA.
@@ -151,6 +153,25 @@ class TorchOps(OpsBackend):
             dst_cache.index_copy_(0, dst, blocks)
         if dst_caches[0].device.type == "cuda":
             torch.cuda.synchronize(dst_caches[0].device)
+
+    def sgmv_shrink(
+        self,
+        x: torch.Tensor,
+        lora_a: torch.Tensor,
+        out: torch.Tensor,
+        segments: SgmvSegments,
+        scale: float,
+    ) -> None:
+        torch_sgmv.sgmv_shrink(x, lora_a, out, segments, scale)
+
+    def sgmv_expand(
+        self,
+        v: torch.Tensor,
+        lora_b: torch.Tensor,
+        out: torch.Tensor,
+        segments: SgmvSegments,
+    ) -> None:
+        torch_sgmv.sgmv_expand(v, lora_b, out, segments)
 
 
 def _batched_attention(

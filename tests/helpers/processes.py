@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,39 +48,41 @@ def wait_serving(address: str, process: subprocess.Popen, service: str = "", tim
 
 @contextlib.contextmanager
 def running(args: list[str], address: str, service: str = "", timeout: float = 120.0) -> Iterator[subprocess.Popen]:
-    """Runs `pagewire ARGS...` until the block ends; SIGTERM then, and kill if it lingers."""
+    """Runs `pagewire ARGS...` until the block ends; SIGTERM then, and kill if it lingers.
+
+    The service's stderr goes to a temporary file (a pipe read only at exit would fill up and block
+    a chatty service); its tail is printed when the service did not exit cleanly.
+    """
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_serving(address, process, service, timeout)
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        stderr = process.stderr.read() if process.stderr else ""
-        if process.returncode not in (0, -signal.SIGTERM):
-            print(stderr[-5000:], file=sys.stderr)
+    with tempfile.TemporaryFile(mode="w+") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", *args],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            text=True,
+        )
+        try:
+            wait_serving(address, process, service, timeout)
+            yield process
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            if process.returncode not in (0, -signal.SIGTERM):
+                log_file.seek(0)
+                print(log_file.read()[-5000:], file=sys.stderr)
 
 
 @contextlib.contextmanager
 def running_executor(model_dir: str | Path, *extra: str) -> Iterator[str]:
-    """An executor process serving `model_dir` on CPU; yields its address once SERVING."""
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    args = ["executor", "--model", str(model_dir), "--port", str(port), "--device", "cpu", "--num-threads", "1", *extra]
-    with running(args, address):
+    """An executor process serving `model_dir` on CPU on a free port; yields its address once SERVING."""
+    with running_executor_on_port(model_dir, free_port(), *extra) as address:
         yield address
 
 
@@ -94,3 +97,38 @@ def running_server(
         args = ["scheduler", "--executor", executor_address, "--port", str(port), *scheduler_args]
         with running(args, address, service="pagewire.v1.Generation"):
             yield address
+
+
+def wait_health(address: str, service: str, status: int, timeout: float = 60.0) -> None:
+    """Polls the health service until `service` reports `status`; raises TimeoutError otherwise."""
+    deadline = time.monotonic() + timeout
+    last: int | None = None
+    while time.monotonic() < deadline:
+        last = health_status(address, service)
+        if last == status:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{address} health of {service!r} stayed {last}, not {status}, for {timeout} s")
+
+
+def cpu_executor_args(model_dir: str | Path, port: int, *extra: str) -> list[str]:
+    """`pagewire` arguments of a one-thread CPU executor serving `model_dir` on `port`."""
+    return ["executor", "--model", str(model_dir), "--port", str(port), "--device", "cpu", "--num-threads", "1",
+            *extra]
+
+
+@contextlib.contextmanager
+def running_executor_on_port(model_dir: str | Path, port: int, *extra: str) -> Iterator[str]:
+    """Like `running_executor`, on a port the caller chose (e.g. one a scheduler already points at)."""
+    address = f"127.0.0.1:{port}"
+    with running(cpu_executor_args(model_dir, port, *extra), address):
+        yield address
+
+
+@contextlib.contextmanager
+def running_scheduler(executor_address: str, *extra: str) -> Iterator[str]:
+    """A scheduler process; yields its address once it is live (health ""), whether or not it is ready."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    with running(["scheduler", "--executor", executor_address, "--port", str(port), *extra], address):
+        yield address

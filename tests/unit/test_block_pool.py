@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from scheduler_service.block_hash import make_block_key
 from scheduler_service.block_pool import BlockPool
 from shared.step_plan import BlockId
 
@@ -60,9 +61,19 @@ def test_touch_revives_a_free_block_from_the_middle_of_the_queue() -> None:
 
 def test_allocate_clears_the_hash_of_an_evicted_block() -> None:
     pool = BlockPool(2)
-    pool.blocks[0].block_hash = 1234
-    assert pool.allocate(1) == [0]
-    assert pool.blocks[0].block_hash is None
+    key = make_block_key(None, (1, 2), ())
+    (block_id,) = pool.allocate(1)
+    assert pool.cache_block(block_id, key)
+    pool.free([block_id])
+    pool.check_integrity()
+    assert pool.free_block_ids() == [1, 0]
+    assert pool.get_cached_block(key) == 0
+    assert (pool.num_cached_blocks, pool.num_free_cached_blocks()) == (1, 1)
+    assert pool.allocate(2) == [1, 0]
+    pool.check_integrity()
+    assert pool.blocks[0].block_hash is None and pool.blocks[0].block_key is None
+    assert pool.get_cached_block(key) is None
+    assert pool.num_cached_blocks == 0
 
 
 def test_allocating_more_than_free_raises_and_changes_nothing() -> None:

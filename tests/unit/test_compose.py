@@ -166,7 +166,10 @@ def test_scheduler_starts_once_the_executor_is_healthy(base: dict) -> None:
 
 @pytest.mark.parametrize(
     ("name", "address", "service", "min_start_period_s"),
-    [("executor", "127.0.0.1:50061", "", 300.0), ("scheduler", "127.0.0.1:50051", "pagewire.v1.Generation", 30.0)],
+    [
+        ("executor", "127.0.0.1:50061", "", 300.0),
+        ("scheduler", "127.0.0.1:50051", "pagewire.v1.Generation", 30.0),
+    ],
 )
 def test_healthcheck_probes_the_service_with_sane_timing(
     base: dict, name: str, address: str, service: str, min_start_period_s: float
@@ -177,7 +180,8 @@ def test_healthcheck_probes_the_service_with_sane_timing(
     assert test[4:] == [address, service]
     assert "grpc_health.v1" in test[3]
     interval_s, timeout_s = seconds(healthcheck["interval"]), seconds(healthcheck["timeout"])
-    start_period_s, start_interval_s = seconds(healthcheck["start_period"]), seconds(healthcheck["start_interval"])
+    start_period_s = seconds(healthcheck["start_period"])
+    start_interval_s = seconds(healthcheck["start_interval"])
     assert 1.0 <= interval_s <= 60.0
     assert 1.0 <= timeout_s <= interval_s
     assert 0.5 <= start_interval_s <= interval_s
@@ -231,7 +235,9 @@ def test_cpu_override_drops_the_gpu_and_runs_on_the_cpu(base: dict, cpu: dict) -
     assert scheduler["depends_on"] == {"executor": {"condition": "service_healthy"}}
 
 
-def test_build_args_exist_in_the_dockerfile_and_torch_matches_the_makefile(cpu: dict, dockerfile_text: str) -> None:
+def test_build_args_exist_in_the_dockerfile_and_torch_matches_the_makefile(
+    cpu: dict, dockerfile_text: str
+) -> None:
     declared = dict(re.findall(r"^ARG (\w+)(?:=(.*))?$", dockerfile_text, re.M))
     for service in cpu["services"].values():
         assert set(service["build"]["args"]) <= set(declared), "docker ignores a build arg no ARG declares"
@@ -302,15 +308,23 @@ def probe(base: dict, service_name: str, address: str, service: str) -> subproce
 
 
 @contextlib.contextmanager
-def serving(command: list[str], environment: dict[str, str], is_ready: Callable[[], bool]) -> Iterator[None]:
-    """Runs `command` until the block ends, entering it once `is_ready()`; SIGTERM then, kill if it lingers."""
-    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def serving(
+    command: list[str], environment: dict[str, str], log_path: Path, is_ready: Callable[[], bool]
+) -> Iterator[None]:
+    """Runs `sh ENTRYPOINT SUBCOMMAND ...` until the block ends, entering it once `is_ready()`.
+
+    Output goes to `log_path` (a pipe nobody drains could fill and stall the server). On exit: SIGTERM,
+    then kill if it lingers.
+    """
+    subcommand = command[2]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120.0
         while not is_ready():
             if process.poll() is not None:
-                pytest.fail(f"{command[2]} exited with {process.returncode}: {process.stderr.read()[-3000:]}")
-            assert time.monotonic() < deadline, f"{command[2]} was not ready within 120 s"
+                pytest.fail(f"{subcommand} exited with {process.returncode}: {log_path.read_text()[-3000:]}")
+            assert time.monotonic() < deadline, f"{subcommand} was not ready within 120 s"
             time.sleep(0.3)
         yield
     finally:
@@ -337,9 +351,14 @@ def test_entrypoint_creates_the_tiny_model_and_the_probes_track_health(
     ]
     scheduler = [
         "sh", str(entrypoint_script), "scheduler", "--executor", executor_address, "--host", "127.0.0.1",
-        "--port", scheduler_address.rsplit(":", 1)[1],
+        "--port", scheduler_address.rsplit(":", 1)[1], "--max-model-len", "512",
     ]
-    with serving(executor, environment, lambda: probe(base, "executor", executor_address, "").returncode == 0):
+    with serving(
+        executor,
+        environment,
+        tmp_path / "executor.log",
+        lambda: probe(base, "executor", executor_address, "").returncode == 0,
+    ):
         reference = create_tiny_model(tmp_path / "reference", seed=0)
         files = sorted(path.name for path in tiny_model.iterdir())
         assert files == sorted(path.name for path in reference.iterdir())
@@ -354,6 +373,7 @@ def test_entrypoint_creates_the_tiny_model_and_the_probes_track_health(
         with serving(
             scheduler,
             environment,
+            tmp_path / "scheduler.log",
             lambda: probe(base, "scheduler", scheduler_address, "pagewire.v1.Generation").returncode == 0,
         ):
             assert probe(base, "scheduler", scheduler_address, "").returncode == 0

@@ -555,7 +555,9 @@ def test_add_sequence_validates_its_input() -> None:
             "max_num_batched_tokens=8 is below max_num_seqs=16",
         ),
         ({"num_device_blocks": 7}, "cannot hold one sequence of max_model_len=32"),
-        ({"preemption_mode": "swap"}, "preemption_mode 'swap' is not supported"),
+        ({"preemption_mode": "lru"}, "preemption_mode 'lru' is not supported"),
+        ({"preemption_mode": "auto"}, "pass the executor's transfer_speeds"),
+        ({"num_host_blocks": -1}, "num_host_blocks must be >= 0"),
     ],
 )
 def test_config_validation_says_what_to_change(overrides: dict[str, object], message: str) -> None:

@@ -1,0 +1,151 @@
+"""The CUDA paged attention kernel against the torch reference on fresh random inputs (GPU only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from executor_service.ops.cuda_launch_plan import plan_attention_launch
+from executor_service.ops.torch_ops import TorchOps
+from tests.gpu.gpu_checks import RELATIVE_BOUNDS, poison_allocator, relative_error
+
+# (query_lens, context_lens): odd lengths, 1-token and 2k-token contexts, chunked prefill over a
+# cached prefix, full prefills and decodes in one launch.
+SCENARIOS = {
+    "decodes_with_1_and_2k_contexts": ([1, 1, 1, 1, 1], [1, 17, 2048, 33, 100]),
+    "prefill_chunks_mixed_with_decodes": ([1, 37, 1, 130, 5], [1, 37, 2048, 200, 5]),
+    "single_token_context": ([1], [1]),
+    "one_long_prefill_chunk": ([300], [2047]),
+}
+GQA = {"ratio1": (4, 4), "ratio4": (8, 2), "ratio8": (16, 2)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def scattered_tables(
+    context_lens: list[int], block_size: int, generator: torch.Generator
+) -> tuple[list[list[int]], int]:
+    needed = [-(-n // block_size) for n in context_lens]
+    num_blocks = sum(needed) + 7
+    pool = torch.randperm(num_blocks, generator=generator).tolist()
+    tables, taken = [], 0
+    for count in needed:
+        tables.append(pool[taken : taken + count])
+        taken += count
+    return tables, num_blocks
+
+
+def run_attention(
+    cuda_ops,
+    make_attention_metadata,
+    device,
+    query_lens,
+    context_lens,
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    block_size,
+    dtype,
+    seed,
+):
+    """(CUDA output, fp32 torch reference) for one batch whose unused cache slots hold NaN."""
+    generator = torch.Generator().manual_seed(seed)
+    tables, num_blocks = scattered_tables(context_lens, block_size, generator)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    key_cache = torch.full(shape, float("nan"), dtype=dtype)
+    value_cache = torch.full(shape, float("nan"), dtype=dtype)
+    for table, context_len in zip(tables, context_lens, strict=True):
+        for position in range(0, context_len, block_size):
+            count = min(block_size, context_len - position)
+            block = table[position // block_size]
+            key_cache[block, :count] = torch.randn(count, num_kv_heads, head_dim, generator=generator).to(
+                dtype
+            )
+            value_cache[block, :count] = torch.randn(count, num_kv_heads, head_dim, generator=generator).to(
+                dtype
+            )
+    query = torch.randn(sum(query_lens), num_heads, head_dim, generator=generator).to(dtype)
+    metadata = make_attention_metadata(query_lens, context_lens, tables, block_size, device=device)
+    key_cache, value_cache, query = key_cache.to(device), value_cache.to(device), query.to(device)
+    scale = head_dim**-0.5
+    expected = TorchOps().paged_attention(
+        query.float(), key_cache.float(), value_cache.float(), metadata, scale
+    )
+    plan = plan_attention_launch(
+        tuple(query_lens),
+        tuple(context_lens),
+        num_heads // num_kv_heads,
+        num_kv_heads,
+        torch.cuda.get_device_properties(device).multi_processor_count,
+        16,
+    )
+    num_tokens = sum(query_lens)
+    sizes = [num_tokens * num_heads * head_dim * query.element_size()]
+    if plan.is_split:
+        sizes += [plan.num_splits * num_tokens * num_heads * head_dim * 4] + 2 * [
+            plan.num_splits * num_tokens * num_heads * 4
+        ]
+    poison_allocator(device, sizes)
+    output = cuda_ops.paged_attention(query, key_cache, value_cache, metadata, scale)
+    torch.cuda.synchronize(device)
+    return output, expected, plan
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize("gqa", sorted(GQA))
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+def test_paged_attention_matches_the_torch_reference(
+    cuda_ops, make_attention_metadata, device, scenario, gqa, head_dim, block_size, dtype_name
+):
+    query_lens, context_lens = SCENARIOS[scenario]
+    num_heads, num_kv_heads = GQA[gqa]
+    dtype = DTYPES[dtype_name]
+    output, expected, _ = run_attention(
+        cuda_ops,
+        make_attention_metadata,
+        device,
+        query_lens,
+        context_lens,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        dtype,
+        seed=head_dim * 7 + block_size,
+    )
+    assert output.shape == expected.shape and output.dtype == dtype
+    assert torch.isfinite(output).all(), "unwritten (poisoned) or non-finite output elements"
+    assert relative_error(output, expected) <= RELATIVE_BOUNDS[dtype]
+
+
+@pytest.mark.parametrize("num_seqs", [1, 300])
+def test_split_and_unsplit_launches_both_match(cuda_ops, make_attention_metadata, device, num_seqs):
+    """1 sequence of 4k context takes the split (flash-decoding) path, 300 decodes fill the GPU unsplit."""
+    generator = torch.Generator().manual_seed(num_seqs)
+    context_lens = (
+        [4096] if num_seqs == 1 else torch.randint(1, 600, (num_seqs,), generator=generator).tolist()
+    )
+    output, expected, plan = run_attention(
+        cuda_ops,
+        make_attention_metadata,
+        device,
+        [1] * num_seqs,
+        context_lens,
+        32,
+        8,
+        128,
+        16,
+        torch.bfloat16,
+        seed=3,
+    )
+    assert plan.is_split == (num_seqs == 1)
+    assert torch.isfinite(output).all()
+    assert relative_error(output, expected) <= RELATIVE_BOUNDS[torch.bfloat16]
+
+
+def test_unsupported_head_dim_falls_back_to_the_torch_backend(cuda_ops, make_attention_metadata, device):
+    output, expected, _ = run_attention(
+        cuda_ops, make_attention_metadata, device, [1, 3], [9, 3], 4, 2, 96, 16, torch.float32, seed=5
+    )
+    assert relative_error(output, expected) <= RELATIVE_BOUNDS[torch.float32]

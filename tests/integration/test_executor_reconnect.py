@@ -1,0 +1,186 @@
+"""The scheduler without its executor: live but not ready, UNAVAILABLE at once, and back when it returns."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from executor_service.tiny_model import create_tiny_model
+from shared.pb.pagewire.v1 import generate_pb2 as pb
+from shared.pb.pagewire.v1 import generate_pb2_grpc as pb_grpc
+from tests.helpers.processes import (
+    cpu_executor_args,
+    free_port,
+    health_status,
+    running,
+    running_executor_on_port,
+    running_scheduler,
+    wait_health,
+)
+
+GENERATION_SERVICE = "pagewire.v1.Generation"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+RECONNECT_TIMEOUT_SECONDS = 60.0
+# The executor process has exited (its Step stream is gone) when this wait starts.
+LOSS_DETECTED_WITHIN_SECONDS = 10.0
+UNAVAILABLE_WITHIN_SECONDS = 5.0
+# EngineConfig.reconnect_grace_seconds: how long the scheduler keeps live requests for a lost executor.
+RECONNECT_GRACE_SECONDS = 10.0
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return create_tiny_model(tmp_path_factory.mktemp("tiny"), seed=3)
+
+
+@pytest.fixture
+def scheduler() -> Iterator[tuple[str, int]]:
+    """A scheduler pointed at a loopback port where nothing listens yet: (its address, that port)."""
+    executor_port = free_port()
+    with running_scheduler(f"127.0.0.1:{executor_port}") as address:
+        yield address, executor_port
+
+
+def greedy_request(max_tokens: int = 6) -> pb.GenerateRequest:
+    """Its prompt fills two KV blocks, so a prefix cache that outlived the executor's KV would show."""
+    return pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=list(range(5, 45))),
+        sampling=pb.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+    )
+
+
+@contextlib.contextmanager
+def killed_executor(model_dir: Path, port: int) -> Iterator[subprocess.Popen]:
+    """An executor on `port`, killed (not stopped) when the block ends or when the test kills it first:
+    a graceful stop waits seconds for the scheduler's open Step stream."""
+    with running(cpu_executor_args(model_dir, port), f"127.0.0.1:{port}") as process:
+        try:
+            yield process
+        finally:
+            process.kill()
+            process.wait()
+
+
+def generate_tokens(address: str) -> list[int]:
+    with grpc.insecure_channel(address) as channel:
+        responses = list(pb_grpc.GenerationStub(channel).Generate(greedy_request(), timeout=30))
+    assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    tokens = [t for r in responses for t in r.token_ids]
+    assert len(tokens) == 6
+    return tokens
+
+
+def server_info(address: str) -> pb.ServerInfo:
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.GenerationStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+
+
+def assert_unavailable(address: str) -> None:
+    """Generate fails fast with UNAVAILABLE (a deadline here would mean the request hung)."""
+    started = time.monotonic()
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Generate(greedy_request(), timeout=UNAVAILABLE_WITHIN_SECONDS))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+    assert "executor" in caught.value.details()
+    assert time.monotonic() - started < UNAVAILABLE_WITHIN_SECONDS
+
+
+def assert_ready_and_idle(address: str) -> None:
+    info = server_info(address)
+    assert info.executor_ready
+    assert (info.num_running, info.num_waiting) == (0, 0)
+    assert info.num_free_device_blocks == info.num_device_blocks > 0
+
+
+def test_scheduler_is_live_but_not_ready_until_its_executor_starts(
+    scheduler: tuple[str, int], model_dir: Path
+) -> None:
+    address, executor_port = scheduler
+    assert health_status(address, "") == SERVING
+    assert health_status(address, GENERATION_SERVICE) == NOT_SERVING
+    assert not server_info(address).executor_ready
+    assert_unavailable(address)
+    with killed_executor(model_dir, executor_port):
+        wait_health(address, GENERATION_SERVICE, SERVING, timeout=RECONNECT_TIMEOUT_SECONDS)
+        generate_tokens(address)
+        assert_ready_and_idle(address)
+
+
+def test_scheduler_reconnects_to_a_restarted_executor(scheduler: tuple[str, int], model_dir: Path) -> None:
+    address, executor_port = scheduler
+    with running_executor_on_port(model_dir, executor_port):
+        wait_health(address, GENERATION_SERVICE, SERVING, timeout=RECONNECT_TIMEOUT_SECONDS)
+        before = generate_tokens(address)
+    wait_health(address, GENERATION_SERVICE, NOT_SERVING, timeout=LOSS_DETECTED_WITHIN_SECONDS)
+    assert health_status(address, "") == SERVING
+    assert not server_info(address).executor_ready
+    assert_unavailable(address)
+    with running_executor_on_port(model_dir, executor_port):
+        wait_health(address, GENERATION_SERVICE, SERVING, timeout=RECONNECT_TIMEOUT_SECONDS)
+        assert generate_tokens(address) == before
+        assert_ready_and_idle(address)
+
+
+def test_request_in_flight_survives_an_executor_crash_and_restart(
+    scheduler: tuple[str, int], model_dir: Path
+) -> None:
+    """Back within the grace period, the executor recomputes the request and the client sees no gap."""
+    address, executor_port = scheduler
+    message = greedy_request(max_tokens=400)
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        with killed_executor(model_dir, executor_port) as executor:
+            wait_health(address, GENERATION_SERVICE, SERVING, timeout=RECONNECT_TIMEOUT_SECONDS)
+            reference = [t for r in stub.Generate(message, timeout=30) for t in r.token_ids]
+            call = stub.Generate(message, timeout=RECONNECT_GRACE_SECONDS + 30)
+            received: list[int] = []
+            while len(received) < 20:
+                received.extend(next(call).token_ids)
+            executor.kill()
+            # Proof that the crash hit the request mid-stream: only a failed step can notice it here.
+            wait_health(address, GENERATION_SERVICE, NOT_SERVING, timeout=LOSS_DETECTED_WITHIN_SECONDS)
+        with killed_executor(model_dir, executor_port):
+            rest = list(call)
+            assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            assert received + [t for r in rest for t in r.token_ids] == reference
+            assert_ready_and_idle(address)
+
+
+def test_request_sent_right_after_the_executor_stopped_does_not_hang(
+    scheduler: tuple[str, int], model_dir: Path
+) -> None:
+    """Whether the scheduler noticed the loss yet or not, the request ends: UNAVAILABLE, or served by
+    the executor that is back within the grace period."""
+    address, executor_port = scheduler
+    with running_executor_on_port(model_dir, executor_port):
+        wait_health(address, GENERATION_SERVICE, SERVING, timeout=RECONNECT_TIMEOUT_SECONDS)
+        before = generate_tokens(address)
+
+    def outcome() -> list[int] | grpc.StatusCode:
+        try:
+            with grpc.insecure_channel(address) as channel:
+                responses = list(pb_grpc.GenerationStub(channel).Generate(
+                    greedy_request(), timeout=RECONNECT_GRACE_SECONDS + 5))
+            return [t for r in responses for t in r.token_ids]
+        except grpc.RpcError as error:
+            return error.code()
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(outcome)
+        with running_executor_on_port(model_dir, executor_port):
+            result = pending.result()
+            assert result in (grpc.StatusCode.UNAVAILABLE, before)
+            wait_health(address, GENERATION_SERVICE, SERVING, timeout=RECONNECT_TIMEOUT_SECONDS)
+            assert generate_tokens(address) == before
+            assert_ready_and_idle(address)
