@@ -1,4 +1,4 @@
-"""The engine loop of one executor: schedule -> send plan -> receive result -> apply -> stream deltas."""
+"""The engine loop of one executor: schedule -> send plan(s) -> receive result -> apply -> stream deltas."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ UNUSABLE_RETRY_SECONDS = 5.0
 class Engine:
     """Owns the scheduler and the requests of one executor; all policy runs synchronously in `_step`.
 
-    Only this loop talks to the executor, so plans and results stay strictly ordered. Client calls
+    Only this loop talks to the executor, so plans and results stay strictly ordered; up to
+    `max_plans_in_flight` plans are sent ahead of their results. Client calls
     (`add_request`, `abort`) run on the same event loop and only touch synchronous state, then wake
     the loop. When the executor is lost, the engine keeps every request and reconnects; if the executor
     is back within `reconnect_grace_seconds`, running sequences are recomputed there and clients see no
@@ -54,6 +55,8 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lost_since: float | None = None
+        self._sent_at: dict[int, float] = {}
+        self._last_step_finished = 0.0
 
     @property
     def is_ready(self) -> bool:
@@ -107,6 +110,7 @@ class Engine:
                 arrival_index=sequence_id,
                 sampling=params.to_options(self.description.eos_token_ids),
                 cache_salt=cache_salt,
+                max_num_tokens=None if params.max_tokens is None else len(prompt_token_ids) + params.max_tokens,
             )
         )
         self.requests[sequence_id] = request
@@ -126,7 +130,7 @@ class Engine:
             try:
                 if not self.client.is_connected:
                     await self._connect()
-                elif self.scheduler is None or not self.scheduler.has_work:
+                elif self.scheduler is None or not (self.scheduler.has_work or self.scheduler.num_in_flight):
                     await self._idle()
                 else:
                     await self._step()
@@ -183,6 +187,7 @@ class Engine:
 
     def _prepare(self, description: ExecutorDescription) -> None:
         """Keeps the scheduler for the same executor geometry (recomputing what ran), else rebuilds it."""
+        self._sent_at.clear()
         if self.scheduler is not None and self.description is not None and (
             self.description.same_cache_geometry(description)
         ):
@@ -222,16 +227,24 @@ class Engine:
         self.requests.clear()
 
     async def _step(self) -> None:
-        """One iteration. Everything but the awaited executor call is synchronous policy code."""
+        """One iteration: fill the pipeline up to `max_plans_in_flight` plans, then await, apply and
+        stream the oldest result. Everything but the awaited executor calls is synchronous policy code;
+        results come back, and are applied, in the order their plans were sent."""
         scheduler = self.scheduler
         assert scheduler is not None
         started = time.perf_counter()
-        plan = scheduler.schedule()
-        if plan is None:
+        while scheduler.num_in_flight < self.config.max_plans_in_flight:
+            plan = scheduler.schedule()
+            if plan is None:
+                break
+            self._sent_at[plan.step_id] = time.perf_counter()
+            await self.client.send(plan)
+        if scheduler.num_in_flight == 0:
             return
         scheduled = time.perf_counter()
-        result = await self.client.step(plan)
+        result = await self.client.receive()
         received = time.perf_counter()
+        sent_at = self._sent_at.pop(result.step_id, started)
         try:
             outputs = scheduler.apply_result(result)
         except StepRejected as error:
@@ -248,9 +261,13 @@ class Engine:
                 del self.requests[output.sequence_id]
                 scheduler.finish_sequence(output.sequence_id)
         finished = time.perf_counter()
+        # A step's wall time runs from when the executor could start on it (its plan sent, or the
+        # previous result handled, whichever is later) to its result handled: with plans in flight
+        # the per-step times still add up to the elapsed time.
         self.stats.record(
-            wall_seconds=finished - started,
+            wall_seconds=finished - max(sent_at, self._last_step_finished),
             scheduler_seconds=(scheduled - started) + (finished - received),
             forward_seconds=result.timing.forward_seconds,
             num_tokens=result.timing.num_tokens,
         )
+        self._last_step_finished = finished

@@ -11,6 +11,9 @@ class EngineConfig:
 
     `preemption_mode` auto chooses swap or recompute per preempted request from the executor's
     measured speeds; `enable_prefix_caching` shares the KV of common prompt prefixes between requests.
+    `max_plans_in_flight` > 1 sends the next plan before the previous result arrives (overlap
+    scheduling), hiding the scheduler's work and the round trip behind the executor's forward; 1
+    alternates strictly.
     """
 
     executor_address: str
@@ -25,9 +28,12 @@ class EngineConfig:
     tokenizer_dir: str | None = None
     # How long a lost executor may take to come back before live requests fail with UNAVAILABLE.
     reconnect_grace_seconds: float = 10.0
+    max_plans_in_flight: int = 2
 
     def __post_init__(self) -> None:
         if self.max_queued_requests < 1:
             raise ValueError(f"--max-queued-requests must be at least 1, got {self.max_queued_requests}")
+        if self.max_plans_in_flight < 1:
+            raise ValueError(f"--max-plans-in-flight must be at least 1, got {self.max_plans_in_flight}")
         if self.preemption_mode not in ("auto", "recompute", "swap"):
             raise ValueError(f"--preemption-mode must be auto, recompute or swap, got {self.preemption_mode!r}")

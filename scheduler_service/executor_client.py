@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import grpc
 
@@ -14,12 +16,14 @@ from shared.plan_codec import plan_to_pb, result_from_pb
 from shared.step_plan import StepPlan, StepResult
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+T = TypeVar("T")
 
 
 class ExecutorClient:
     """Sends plans and reads results, in order, over one Step stream.
 
-    Any transport failure surfaces as `Unavailable`; the caller reconnects with `connect()`, which opens
+    Several plans may be sent before their results are read (`send` then `receive`); the executor
+    answers them in the order sent. Any transport failure surfaces as `Unavailable`; the caller reconnects with `connect()`, which opens
     a fresh stream (the executor then holds no sequences).
     """
 
@@ -51,12 +55,28 @@ class ExecutorClient:
     def is_connected(self) -> bool:
         return self._call is not None
 
-    async def step(self, plan: StepPlan) -> StepResult:
+    async def send(self, plan: StepPlan) -> None:
+        """Sends a plan; its result comes back from `receive`, after those of earlier plans."""
+        call = self._require_call()
+        await self._guarded(call.write(plan_to_pb(plan)))
+
+    async def receive(self) -> StepResult:
+        """The result of the oldest plan sent and not yet answered."""
+        message = await self._guarded(self._require_call().read())
+        if message is grpc.aio.EOF:
+            await self.close()
+            raise Unavailable(f"executor {self.address} closed the step stream")
+        return result_from_pb(message)
+
+    def _require_call(self) -> grpc.aio.StreamStreamCall:
         if self._call is None:
             raise Unavailable(f"not connected to executor {self.address}")
+        return self._call
+
+    async def _guarded(self, operation: Awaitable[T]) -> T:
+        """Awaits a stream operation; any transport failure closes the client and raises Unavailable."""
         try:
-            await self._call.write(plan_to_pb(plan))
-            message = await self._call.read()
+            return await operation
         except grpc.aio.AioRpcError as error:
             await self.close()
             raise Unavailable(f"executor {self.address} stream failed: {error.details()}") from error
@@ -64,10 +84,6 @@ class ExecutorClient:
             # The call had already ended (the executor went away while we were idle).
             await self.close()
             raise Unavailable(f"executor {self.address} closed the step stream") from error
-        if message is grpc.aio.EOF:
-            await self.close()
-            raise Unavailable(f"executor {self.address} closed the step stream")
-        return result_from_pb(message)
 
     async def wait_closed(self) -> None:
         """Returns when the Step stream has ended (at once when there is none)."""

@@ -134,8 +134,13 @@ class Scheduler:
         admitted by swapping its blocks back in; any other starts from its longest cached prefix.
         Admission in arrival order keeps every running sequence ahead of every waiting one, so a
         partially computed prompt is always the latest-arrived running sequence: decodes come before
-        it and never stall behind it. A running sequence whose sampled token is still in flight has
-        nothing to compute and is skipped.
+        it and never stall behind it.
+
+        A running sequence whose sampled token is still in flight is scheduled anyway, one token: the
+        placeholder, whose id only the executor knows yet (it appended it). Its block and the
+        max_model_len check count it like a known token. No placeholder step is scheduled once the
+        tokens in flight reach `_num_tokens_limit`; a stop the scheduler cannot foresee (a stop token
+        or string) costs one step whose output `apply_result` drops.
         """
         budget = self.config.max_num_batched_tokens
         scheduled: dict[SequenceId, int] = {}
@@ -146,6 +151,8 @@ class Scheduler:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens == 0:
+                continue
+            if seq.num_output_placeholders and seq.num_tokens_with_placeholders >= self._num_tokens_limit(seq):
                 continue
             num_new_tokens = min(seq.num_uncomputed_tokens, budget)
             victims = self._allocate_or_preempt(seq, seq.num_computed_tokens + num_new_tokens, swap_out)
@@ -194,9 +201,16 @@ class Scheduler:
             self.counters.num_prompt_tokens_computed += max(0, min(end, seq.num_prompt_tokens) - start)
             self.counters.num_tokens_recomputed += max(0, min(end, seq.recompute_until) - start)
             seq.num_computed_tokens = end
-            samples[sid] = end == seq.num_tokens
+            samples[sid] = end == seq.num_tokens_with_placeholders
+            seq.num_output_placeholders += samples[sid]
         self._in_flight.append((plan.step_id, samples))
         return plan
+
+    def _num_tokens_limit(self, seq: Sequence) -> int:
+        """The length the sequence can never exceed: its request ends at it at the latest."""
+        if seq.max_num_tokens is None:
+            return self.config.max_model_len
+        return min(seq.max_num_tokens, self.config.max_model_len)
 
     def _admit(self, seq: Sequence, budget: int) -> int | None:
         """Give a waiting (not swapped) sequence its longest cached prefix and blocks for the next
@@ -241,8 +255,10 @@ class Scheduler:
 
     def _cache_computed_blocks(self, seq: Sequence, num_computed_tokens: int) -> None:
         """Offer the blocks this step fills to the prefix cache as soon as it is scheduled, so that a
-        sequence admitted later in the same step can reuse them (see `cache_full_blocks`)."""
+        sequence admitted later in the same step can reuse them (see `cache_full_blocks`). A block
+        holding a placeholder is offered by a later step, once every id in it is known."""
         kv = self.kv_cache_manager
+        num_computed_tokens = min(num_computed_tokens, seq.num_tokens)
         # Building token_ids costs O(tokens): only when a block filled up since the last offer.
         num_full_blocks = num_computed_tokens // kv.block_size
         if kv.enable_prefix_caching and num_full_blocks > kv.num_offered_blocks(seq.sequence_id):
@@ -276,10 +292,16 @@ class Scheduler:
         handed to another sequence in the same plan. It keeps its computed tokens (SWAPPED).
         Recompute: its computed tokens are dropped (its full blocks stay in the prefix cache until
         evicted, making the recompute cheaper); it is re-sent in full later, prompt and outputs so far.
+
+        Tokens it samples in plans still in flight are dropped (`apply_result` ignores them, no client
+        saw them) and sampled again after it resumes; its placeholder positions are forgotten, so it
+        keeps exactly the known tokens, all of whose K/V the plans before this one compute.
         """
         assert victim is self.running[-1], "only the latest-arrived running sequence is preempted"
         assert self.plan_encoder.knows(victim.sequence_id), f"executor does not hold {victim.sequence_id}"
         kv = self.kv_cache_manager
+        victim.num_computed_tokens = min(victim.num_computed_tokens, victim.num_tokens)
+        victim.num_output_placeholders = 0
         num_blocks = -(-victim.num_computed_tokens // kv.block_size)
         num_tokens_to_recompute = max(1, victim.num_tokens - kv.num_shared_prefix_tokens(victim.sequence_id))
         decision = self.preemption_policy.choose(
@@ -318,7 +340,8 @@ class Scheduler:
     def apply_result(self, result: StepResult) -> list[SequenceOutput]:
         """Append the sampled tokens of the oldest plan in flight; return the outputs that carry tokens.
 
-        Outputs of sequences that ended or were preempted since the plan was sent are dropped. Raises
+        Outputs of sequences that ended or were preempted since the plan was sent are dropped (with
+        plans in flight, a sequence that stopped still has the step after its stop computed). Raises
         StepRejected when the executor rejected the plan.
         """
         assert self._in_flight, f"result for step {result.step_id} arrived with no plan in flight"
@@ -341,6 +364,7 @@ class Scheduler:
             if output.token_ids:
                 seq = self._sequences[output.sequence_id]
                 seq.output_token_ids.extend(output.token_ids)
+                seq.num_output_placeholders -= len(output.token_ids)
                 assert seq.num_tokens <= self.config.max_model_len, f"{seq.sequence_id} outgrew max_model_len"
                 outputs.append(output)
         assert not any(samples.values()), f"step {step_id} result lacks tokens for {sorted(samples)}"
@@ -366,6 +390,7 @@ class Scheduler:
         self.kv_cache_manager.free(seq.sequence_id)
         self.swap_space.free(seq.sequence_id)
         seq.status = SequenceStatus.FINISHED
+        seq.num_output_placeholders = 0
         del self._sequences[seq.sequence_id]
         self._forget_in_flight(seq.sequence_id)
         if self.plan_encoder.knows(seq.sequence_id):
@@ -385,8 +410,9 @@ class Scheduler:
         for seq in self.waiting:
             self.kv_cache_manager.free(seq.sequence_id)
             self.swap_space.free(seq.sequence_id)
-            seq.recompute_until = max(seq.recompute_until, seq.num_computed_tokens)
+            seq.recompute_until = max(seq.recompute_until, min(seq.num_computed_tokens, seq.num_tokens))
             seq.num_computed_tokens = 0
+            seq.num_output_placeholders = 0
             seq.status = SequenceStatus.WAITING
         self.kv_cache_manager.reset_prefix_cache()
         self.plan_encoder.reset()
@@ -412,9 +438,21 @@ class Scheduler:
         for queue in (self.running, self.waiting):
             arrivals = [seq.arrival_index for seq in queue]
             assert arrivals == sorted(arrivals), f"queue out of arrival order: {arrivals}"
+        num_tokens_in_flight: dict[SequenceId, int] = {}
+        for _, samples in self._in_flight:
+            for sequence_id, sampled in samples.items():
+                num_tokens_in_flight[sequence_id] = num_tokens_in_flight.get(sequence_id, 0) + sampled
         for seq in self.running:
             assert seq.status is SequenceStatus.RUNNING
-            assert 0 < seq.num_computed_tokens <= seq.num_tokens
+            assert 0 < seq.num_computed_tokens <= seq.num_tokens_with_placeholders
+            assert seq.num_output_placeholders == num_tokens_in_flight.get(seq.sequence_id, 0), (
+                f"{seq.sequence_id}: {seq.num_output_placeholders} placeholders, "
+                f"{num_tokens_in_flight.get(seq.sequence_id, 0)} tokens sampled in flight"
+            )
+            assert seq.num_output_placeholders == 0 or seq.num_computed_tokens >= seq.num_tokens
+            assert seq.num_tokens_with_placeholders <= self._num_tokens_limit(seq), (
+                f"{seq.sequence_id} has a placeholder past its end"
+            )
             num_table_tokens = len(kv.block_ids(seq.sequence_id)) * kv.block_size
             assert num_table_tokens >= seq.num_computed_tokens, f"table of {seq.sequence_id} is too short"
             num_sent = self.plan_encoder.num_sent_block_ids(seq.sequence_id)
@@ -423,6 +461,7 @@ class Scheduler:
             assert seq.num_uncomputed_tokens <= 1, f"{seq.sequence_id} is a partial prompt but not the latest"
         swapped_ids = set()
         for seq in self.waiting:
+            assert seq.num_output_placeholders == 0, f"waiting {seq.sequence_id} has placeholders"
             if seq.status is SequenceStatus.SWAPPED:
                 swapped_ids.add(seq.sequence_id)
                 assert 0 < seq.num_computed_tokens <= seq.num_tokens

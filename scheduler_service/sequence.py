@@ -23,12 +23,18 @@ class Sequence:
     Prefill, chunked prefill, resume after preemption and decode are all "compute the tokens from
     num_computed_tokens up to num_tokens"; the executor samples a new token whenever a step's tokens
     reach the end. Request-level state (stop conditions, max_tokens, detokenizer) lives in the engine.
+    With several plans in flight, a running sequence is scheduled again before the token its last
+    step samples is known: that token is an output placeholder, a position with no id yet, whose K/V
+    the next step computes (the executor appended the sampled id itself). `num_output_placeholders`
+    counts the tokens sampled by plans in flight; `num_computed_tokens` counts placeholder positions
+    too. `max_num_tokens` is where the request ends for sure (prompt + max_tokens), None when only
+    max_model_len bounds it: no placeholder is scheduled past it.
     `arrival_index` is monotonic over requests; a lower index has higher priority.
     `adapter_name` and `cache_salt` are the prefix cache's extra keys: sequences share cached K/V only
     when both are equal. `num_cached_prompt_tokens` is what the prefix cache supplied at the first
     admission (None before it); `recompute_until` marks the tokens whose K/V a recompute preemption
     dropped, so computing them again is counted as recomputation.
-    Invariant: 0 <= num_computed_tokens <= num_tokens.
+    Invariant: 0 <= num_computed_tokens <= num_tokens + num_output_placeholders.
     """
 
     sequence_id: SequenceId
@@ -44,6 +50,8 @@ class Sequence:
     num_preemptions: int = 0
     num_cached_prompt_tokens: int | None = None
     recompute_until: int = 0
+    num_output_placeholders: int = 0
+    max_num_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = tuple(self.prompt_token_ids)
@@ -72,5 +80,10 @@ class Sequence:
         return (self.adapter_name, self.cache_salt)
 
     @property
+    def num_tokens_with_placeholders(self) -> int:
+        return self.num_tokens + self.num_output_placeholders
+
+    @property
     def num_uncomputed_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        """Tokens, placeholders included, whose K/V is neither computed nor scheduled."""
+        return self.num_tokens_with_placeholders - self.num_computed_tokens

@@ -101,6 +101,10 @@ def _add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
         help="share the KV blocks of common prompt prefixes between requests (default: on)",
     )
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the executor's model)")
+    p.add_argument(
+        "--max-plans-in-flight", type=int, default=2,
+        help="plans sent ahead of their results (1: no overlap between scheduling and the forward)",
+    )
 
 
 def _add_scheduler_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -124,6 +128,7 @@ def _engine_config(args: argparse.Namespace, executor_address: str):  # -> Engin
         preemption_mode=args.preemption_mode,
         enable_prefix_caching=args.enable_prefix_caching,
         tokenizer_dir=args.tokenizer,
+        max_plans_in_flight=args.max_plans_in_flight,
     )
 
 
@@ -210,6 +215,7 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     compare.add_argument("--overhead-sizes", default="1,16,64,256", help="running sequences to measure at")
     compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--repeat", type=int, default=1, help="rounds of workload A; the best counts")
 
     def run_bench(args: argparse.Namespace) -> int:
         if args.bench_command == "serve":

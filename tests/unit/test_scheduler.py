@@ -433,17 +433,22 @@ def test_next_plan_is_built_while_one_is_in_flight() -> None:
     second = scheduler.schedule()
     assert first is not None and second is not None
     assert scheduled_tokens(first) == {1: 3, 2: 1}
-    # Sequence 1 waits for its sampled token; sequence 2's prompt continues meanwhile.
-    assert second == StepPlan(step_id=2, continued_sequences=(ContinuedSequence(2, 4, (2,)),))
+    # Sequence 1 decodes its sampled token, not known yet, at position 3 of block 0; sequence 2's
+    # prompt continues with the budget left, filling its block 1.
+    assert second == StepPlan(
+        step_id=2, continued_sequences=(ContinuedSequence(1, 1, ()), ContinuedSequence(2, 3, ()))
+    )
     assert scheduler.num_in_flight == 2
     with pytest.raises(AssertionError, match="expected step 1"):
         scheduler.apply_result(StepResult(step_id=2))
     first_result, second_result = executor.step(first), executor.step(second)
     assert scheduler.apply_result(first_result) == [SequenceOutput(1, (1003,))]
-    assert scheduler.apply_result(second_result) == []
+    assert scheduler.apply_result(second_result) == [SequenceOutput(1, (1004,))]
     scheduler.check_integrity()
     plan, _ = step(scheduler, executor)
-    assert scheduled_tokens(plan) == {1: 1, 2: 3}
+    assert plan == StepPlan(
+        step_id=3, continued_sequences=(ContinuedSequence(1, 1, (2,)), ContinuedSequence(2, 3, (3,)))
+    )
 
 
 def test_rejected_plan_raises_and_reset_resends_everything_as_new() -> None:

@@ -304,18 +304,25 @@ def test_a_swap_resume_computes_the_last_token_again_when_its_sample_was_dropped
     first, second = make_seq(1, own_prompt(1, 3)), make_seq(2, own_prompt(2, 3))
     scheduler.add_sequence(first)
     step(scheduler, executor)
-    plan_a = scheduler.schedule()
     scheduler.add_sequence(second)
+    plan_a = scheduler.schedule()
+    assert plan_a is not None
+    assert plan_a.continued_sequences == (ContinuedSequence(1, 1, ()),)
+    assert plan_a.new_sequences[0].block_ids == (2, 3)
+    assert (first.num_output_placeholders, second.num_output_placeholders) == (1, 1)
+    # Both decode their tokens still in flight; the first's needs a third block, so the second (with
+    # its sampled token in flight) is swapped out: the K/V plan a writes is copied after plan a ran.
     plan_b = scheduler.schedule()
-    assert plan_a is not None and plan_b is not None
-    assert plan_b.new_sequences[0].block_ids == (2, 3)
+    assert plan_b == StepPlan(
+        step_id=3,
+        continued_sequences=(ContinuedSequence(1, 1, (3,)),),
+        preempted_sequence_ids=(2,),
+        swap_out=BlockPairs((2, 3), (0, 1)),
+    )
+    assert second.num_computed_tokens == 3 and second.num_output_placeholders == 0
+    scheduler.check_integrity()
     assert scheduler.apply_result(executor.step(plan_a)) == [SequenceOutput(1, (1004,))]
-    plan_c = scheduler.schedule()
-    assert plan_c is not None
-    assert plan_c.preempted_sequence_ids == (2,) and plan_c.swap_out == BlockPairs((2, 3), (0, 1))
-    # The second's sampled token (in flight in plan b) is dropped; its 3 tokens are all computed.
-    assert scheduler.apply_result(executor.step(plan_b)) == []
-    assert scheduler.apply_result(executor.step(plan_c)) == [SequenceOutput(1, (1005,))]
+    assert scheduler.apply_result(executor.step(plan_b)) == [SequenceOutput(1, (1005,))]
     assert second.output_token_ids == [] and second.num_computed_tokens == 3
     scheduler.check_integrity()
 
@@ -438,6 +445,8 @@ def run_workload(
             prompt = prefix + tuple(rng.randrange(50) for _ in range(rng.randint(1, 8)))
             seq = make_seq(sequence_id, prompt)
             max_tokens[sequence_id] = rng.randint(1, 40 - len(prompt))
+            if sequence_id % 2:
+                seq.max_num_tokens = len(prompt) + max_tokens[sequence_id]
             scheduler.add_sequence(seq)
             live[sequence_id] = seq
         if scheduler.has_work and rng.random() < 0.03:
