@@ -55,6 +55,11 @@ class ExecutorClient:
     def is_connected(self) -> bool:
         return self._call is not None
 
+    async def step(self, plan: StepPlan) -> StepResult:
+        """Sends one plan and reads its result; only valid with no other plan in flight."""
+        await self.send(plan)
+        return await self.receive()
+
     async def send(self, plan: StepPlan) -> None:
         """Sends a plan; its result comes back from `receive`, after those of earlier plans."""
         call = self._require_call()

@@ -215,7 +215,7 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     compare.add_argument("--overhead-sizes", default="1,16,64,256", help="running sequences to measure at")
     compare.add_argument("--seed", type=int, default=0)
-    compare.add_argument("--repeat", type=int, default=1, help="rounds of workload A; the best counts")
+    compare.add_argument("--repeat", type=int, default=1, help="runs per throughput figure; the best counts")
 
     def run_bench(args: argparse.Namespace) -> int:
         if args.bench_command == "serve":

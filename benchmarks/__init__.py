@@ -1,0 +1,1 @@
+"""pagewire benchmarks: the serving load generator (`pagewire bench serve`) and the CPU comparison."""
