@@ -1,3 +1,5 @@
+"""The scheduler's policy without the prefix cache, against a mirror of the executor's KV slots."""
+
 from __future__ import annotations
 
 import random
@@ -12,120 +14,27 @@ from scheduler_service.sequence import Sequence, SequenceStatus
 from shared.step_plan import (
     ContinuedSequence,
     NewSequence,
-    SamplingOptions,
     SequenceId,
     SequenceOutput,
     StepError,
     StepPlan,
     StepResult,
 )
-
-GREEDY = SamplingOptions()
-
-
-def make_scheduler(
-    *,
-    num_blocks: int = 16,
-    block_size: int = 4,
-    max_num_batched_tokens: int = 16,
-    max_num_seqs: int = 4,
-    max_model_len: int = 32,
-) -> Scheduler:
-    config = SchedulerConfig(
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_model_len=max_model_len,
-        block_size=block_size,
-        num_device_blocks=num_blocks,
-    )
-    return Scheduler(config, KVCacheManager(BlockPool(num_blocks), block_size))
+from tests.helpers import executor_mirror
+from tests.helpers.executor_mirror import GREEDY, ExecutorMirror, own_prompt, sampled_token, step
 
 
-def prompt(sequence_id: int, num_tokens: int) -> tuple[int, ...]:
-    return tuple(100 * sequence_id + i for i in range(num_tokens))
-
-
-def sampled_token(sequence_id: int, position: int) -> int:
-    """The token the fabricated executor samples at `position`: recomputation samples it again."""
-    return 1000 * sequence_id + position
+def make_scheduler(**settings: int) -> Scheduler:
+    """Without the prefix cache: a preempted sequence here computes its tokens from 0 again."""
+    return executor_mirror.make_scheduler(enable_prefix_caching=False, **settings)
 
 
 def make_seq(sequence_id: int, num_prompt_tokens: int, arrival_index: int | None = None) -> Sequence:
     return Sequence(
         sequence_id=SequenceId(sequence_id),
-        prompt_token_ids=prompt(sequence_id, num_prompt_tokens),
+        prompt_token_ids=own_prompt(sequence_id, num_prompt_tokens),
         arrival_index=sequence_id if arrival_index is None else arrival_index,
     )
-
-
-class ExecutorMirror:
-    """What a correct executor holds, rebuilt from the plans alone.
-
-    Applies each plan in the executor's order, refuses state it does not hold, writes every computed
-    token into its slot and checks that each step reads back exactly the sequence's own earlier tokens
-    (so a block shared or reused by mistake shows up), then samples `sampled_token` for each sequence
-    whose computed tokens reach the end of its tokens.
-    """
-
-    def __init__(self, block_size: int) -> None:
-        self.block_size = block_size
-        self.token_ids: dict[int, list[int]] = {}
-        self.num_computed: dict[int, int] = {}
-        self.block_ids: dict[int, list[int]] = {}
-        self.slots: dict[int, tuple[int, int, int]] = {}
-
-    def slot(self, sequence_id: int, position: int) -> int:
-        return (
-            self.block_ids[sequence_id][position // self.block_size] * self.block_size
-            + position % self.block_size
-        )
-
-    def step(self, plan: StepPlan) -> StepResult:
-        for sequence_id in (*plan.finished_sequence_ids, *plan.preempted_sequence_ids):
-            del self.token_ids[sequence_id], self.num_computed[sequence_id], self.block_ids[sequence_id]
-        work: list[tuple[int, int]] = []
-        for new in plan.new_sequences:
-            assert new.sequence_id not in self.token_ids
-            self.token_ids[new.sequence_id] = list(new.token_ids)
-            self.num_computed[new.sequence_id] = new.num_computed_tokens
-            self.block_ids[new.sequence_id] = list(new.block_ids)
-            work.append((new.sequence_id, new.num_scheduled_tokens))
-        for cont in plan.continued_sequences:
-            self.block_ids[cont.sequence_id].extend(cont.new_block_ids)
-            work.append((cont.sequence_id, cont.num_scheduled_tokens))
-        outputs = []
-        for sequence_id, num_tokens in work:
-            tokens = self.token_ids[sequence_id]
-            start = self.num_computed[sequence_id]
-            assert start + num_tokens <= len(tokens)
-            for position in range(start):
-                assert self.slots[self.slot(sequence_id, position)] == (
-                    sequence_id,
-                    position,
-                    tokens[position],
-                )
-            for position in range(start, start + num_tokens):
-                self.slots[self.slot(sequence_id, position)] = (sequence_id, position, tokens[position])
-            self.num_computed[sequence_id] = start + num_tokens
-            sampled: tuple[int, ...] = ()
-            if start + num_tokens == len(tokens):
-                sampled = (sampled_token(sequence_id, len(tokens)),)
-                tokens.append(sampled[0])
-            outputs.append(SequenceOutput(SequenceId(sequence_id), sampled))
-        return StepResult(step_id=plan.step_id, outputs=tuple(outputs))
-
-
-def step(scheduler: Scheduler, executor: ExecutorMirror) -> tuple[StepPlan, list[SequenceOutput]]:
-    plan = scheduler.schedule()
-    assert plan is not None
-    scheduler.check_integrity()
-    outputs = scheduler.apply_result(executor.step(plan))
-    scheduler.check_integrity()
-    for seq in scheduler.running:
-        assert executor.block_ids[seq.sequence_id] == list(
-            scheduler.kv_cache_manager.block_ids(seq.sequence_id)
-        )
-    return plan, outputs
 
 
 def scheduled_tokens(plan: StepPlan) -> dict[int, int]:
@@ -134,7 +43,7 @@ def scheduled_tokens(plan: StepPlan) -> dict[int, int]:
 
 def test_prefill_then_decode() -> None:
     scheduler = make_scheduler()
-    executor = ExecutorMirror(block_size=4)
+    executor = ExecutorMirror(4, 16)
     seq = make_seq(1, 5)
     scheduler.add_sequence(seq)
     assert scheduler.num_waiting == 1 and scheduler.has_work
@@ -142,7 +51,7 @@ def test_prefill_then_decode() -> None:
     plan, outputs = step(scheduler, executor)
     assert plan == StepPlan(
         step_id=1,
-        new_sequences=(NewSequence(1, prompt(1, 5), 5, 0, (0, 1), 5, GREEDY, None),),
+        new_sequences=(NewSequence(1, own_prompt(1, 5), 5, 0, (0, 1), 5, GREEDY, None),),
     )
     assert outputs == [SequenceOutput(1, (1005,))]
     assert seq.status is SequenceStatus.RUNNING
@@ -172,15 +81,15 @@ def test_prefill_then_decode() -> None:
 
 def test_chunked_prefill_exact_token_counts_while_decodes_keep_running() -> None:
     scheduler = make_scheduler(max_num_batched_tokens=6, max_num_seqs=2)
-    executor = ExecutorMirror(block_size=4)
+    executor = ExecutorMirror(4, 16)
     short, long = make_seq(1, 3), make_seq(2, 13)
     scheduler.add_sequence(short)
     scheduler.add_sequence(long)
 
     plan, outputs = step(scheduler, executor)
     assert plan.new_sequences == (
-        NewSequence(1, prompt(1, 3), 3, 0, (0,), 3, GREEDY, None),
-        NewSequence(2, prompt(2, 13), 13, 0, (1,), 3, GREEDY, None),
+        NewSequence(1, own_prompt(1, 3), 3, 0, (0,), 3, GREEDY, None),
+        NewSequence(2, own_prompt(2, 13), 13, 0, (1,), 3, GREEDY, None),
     )
     assert plan.continued_sequences == ()
     assert outputs == [SequenceOutput(1, (1003,))]
@@ -207,7 +116,7 @@ def test_chunked_prefill_exact_token_counts_while_decodes_keep_running() -> None
 
 def test_a_long_prompt_is_chunked_behind_running_decodes_and_blocks_later_arrivals() -> None:
     scheduler = make_scheduler(max_num_batched_tokens=4, max_num_seqs=3)
-    executor = ExecutorMirror(block_size=4)
+    executor = ExecutorMirror(4, 16)
     for seq in (make_seq(1, 2), make_seq(2, 9), make_seq(3, 2)):
         scheduler.add_sequence(seq)
     per_step = [scheduled_tokens(step(scheduler, executor)[0]) for _ in range(5)]
@@ -222,7 +131,7 @@ def test_a_long_prompt_is_chunked_behind_running_decodes_and_blocks_later_arriva
 
 def test_sequence_cap_limits_admission() -> None:
     scheduler = make_scheduler(max_num_seqs=2)
-    executor = ExecutorMirror(block_size=4)
+    executor = ExecutorMirror(4, 16)
     for sequence_id in (1, 2, 3):
         scheduler.add_sequence(make_seq(sequence_id, 2))
     plan, _ = step(scheduler, executor)
@@ -236,7 +145,7 @@ def test_sequence_cap_limits_admission() -> None:
 
 def test_admission_waits_for_blocks_without_preempting() -> None:
     scheduler = make_scheduler(num_blocks=8, max_model_len=32)
-    executor = ExecutorMirror(block_size=4)
+    executor = ExecutorMirror(4, 8)
     scheduler.add_sequence(make_seq(1, 26))
     scheduler.add_sequence(make_seq(2, 9))
     plan, _ = step(scheduler, executor)
@@ -257,15 +166,15 @@ def test_admission_waits_for_blocks_without_preempting() -> None:
 
 def test_new_sequences_are_sent_once_then_only_new_block_ids() -> None:
     scheduler = make_scheduler(block_size=2)
-    executor = ExecutorMirror(block_size=2)
+    executor = ExecutorMirror(2, 16)
     scheduler.add_sequence(make_seq(1, 2))
     plan, _ = step(scheduler, executor)
-    assert plan.new_sequences == (NewSequence(1, prompt(1, 2), 2, 0, (0,), 2, GREEDY, None),)
+    assert plan.new_sequences == (NewSequence(1, own_prompt(1, 2), 2, 0, (0,), 2, GREEDY, None),)
     scheduler.add_sequence(make_seq(2, 3))
     plan, _ = step(scheduler, executor)
     assert plan == StepPlan(
         step_id=2,
-        new_sequences=(NewSequence(2, prompt(2, 3), 3, 0, (2, 3), 3, GREEDY, None),),
+        new_sequences=(NewSequence(2, own_prompt(2, 3), 3, 0, (2, 3), 3, GREEDY, None),),
         continued_sequences=(ContinuedSequence(1, 1, (1,)),),
     )
     plan, _ = step(scheduler, executor)
@@ -282,7 +191,7 @@ def test_preemption_recomputes_the_latest_arrival_and_it_finishes_with_the_right
     scheduler = make_scheduler(
         num_blocks=4, block_size=2, max_num_batched_tokens=8, max_num_seqs=2, max_model_len=8
     )
-    executor = ExecutorMirror(block_size=2)
+    executor = ExecutorMirror(2, 4)
     first, second = make_seq(1, 3), make_seq(2, 3)
     scheduler.add_sequence(first)
     scheduler.add_sequence(second)
@@ -335,7 +244,7 @@ def test_a_sequence_preempts_itself_when_it_is_the_latest_arrival() -> None:
     scheduler = make_scheduler(
         num_blocks=4, block_size=2, max_num_batched_tokens=8, max_num_seqs=2, max_model_len=8
     )
-    executor = ExecutorMirror(block_size=2)
+    executor = ExecutorMirror(2, 4)
     first, second = make_seq(1, 3), make_seq(2, 4)
     scheduler.add_sequence(first)
     scheduler.add_sequence(second)
@@ -359,7 +268,7 @@ def test_abort_in_every_state_frees_everything() -> None:
     scheduler = make_scheduler(
         num_blocks=4, block_size=2, max_num_batched_tokens=4, max_num_seqs=4, max_model_len=8
     )
-    executor = ExecutorMirror(block_size=2)
+    executor = ExecutorMirror(2, 4)
     decoding, prefilling, waiting = make_seq(1, 2), make_seq(2, 5), make_seq(3, 2)
     for seq in (decoding, prefilling, waiting):
         scheduler.add_sequence(seq)
@@ -392,7 +301,7 @@ def test_abort_of_a_preempted_sequence_tells_the_executor_nothing() -> None:
     scheduler = make_scheduler(
         num_blocks=4, block_size=2, max_num_batched_tokens=8, max_num_seqs=2, max_model_len=8
     )
-    executor = ExecutorMirror(block_size=2)
+    executor = ExecutorMirror(2, 4)
     scheduler.add_sequence(make_seq(1, 4))
     scheduler.add_sequence(make_seq(2, 3))
     step(scheduler, executor)
@@ -407,7 +316,7 @@ def test_abort_of_a_preempted_sequence_tells_the_executor_nothing() -> None:
 
 def test_outputs_of_sequences_ended_while_their_plan_was_in_flight_are_dropped() -> None:
     scheduler = make_scheduler()
-    executor = ExecutorMirror(block_size=4)
+    executor = ExecutorMirror(4, 16)
     kept, aborted = make_seq(1, 3), make_seq(2, 3)
     scheduler.add_sequence(kept)
     scheduler.add_sequence(aborted)
@@ -426,7 +335,7 @@ def test_outputs_of_sequences_ended_while_their_plan_was_in_flight_are_dropped()
 
 def test_next_plan_is_built_while_one_is_in_flight() -> None:
     scheduler = make_scheduler(max_num_batched_tokens=4, max_num_seqs=2)
-    executor = ExecutorMirror(block_size=4)
+    executor = ExecutorMirror(4, 16)
     scheduler.add_sequence(make_seq(1, 3))
     scheduler.add_sequence(make_seq(2, 10))
     first = scheduler.schedule()
@@ -453,7 +362,7 @@ def test_next_plan_is_built_while_one_is_in_flight() -> None:
 
 def test_rejected_plan_raises_and_reset_resends_everything_as_new() -> None:
     scheduler = make_scheduler(max_num_seqs=2)
-    executor = ExecutorMirror(block_size=4)
+    executor = ExecutorMirror(4, 16)
     decoding, waiting = make_seq(1, 3), make_seq(2, 3)
     scheduler.add_sequence(decoding)
     step(scheduler, executor)
@@ -472,13 +381,13 @@ def test_rejected_plan_raises_and_reset_resends_everything_as_new() -> None:
     assert scheduler.kv_cache_manager.num_free_blocks == 16
     assert decoding.output_token_ids == [1003, 1004]
 
-    executor = ExecutorMirror(block_size=4)
+    executor = ExecutorMirror(4, 16)
     plan, outputs = step(scheduler, executor)
     assert plan.step_id == 4
     # Blocks 0-2 were freed last, so the least recently used 3, 4, 5 come first.
     assert plan.new_sequences == (
         NewSequence(1, (100, 101, 102, 1003, 1004), 3, 0, (3, 4), 5, GREEDY, None),
-        NewSequence(2, prompt(2, 3), 3, 0, (5,), 3, GREEDY, None),
+        NewSequence(2, own_prompt(2, 3), 3, 0, (5,), 3, GREEDY, None),
     )
     assert plan.finished_sequence_ids == () and plan.continued_sequences == ()
     assert outputs == [SequenceOutput(1, (1005,)), SequenceOutput(2, (2003,))]
@@ -489,7 +398,7 @@ def run_to_completion(seed: int) -> None:
     scheduler = make_scheduler(
         num_blocks=9, block_size=4, max_num_batched_tokens=10, max_num_seqs=4, max_model_len=32
     )
-    executor = ExecutorMirror(block_size=4)
+    executor = ExecutorMirror(4, 9)
     max_tokens: dict[int, int] = {}
     pending = list(range(1, 13))
     ended: dict[int, Sequence] = {}

@@ -8,146 +8,24 @@ from collections import deque
 import pytest
 from structlog.testing import capture_logs
 
-from scheduler_service.block_pool import BlockPool
-from scheduler_service.kv_cache_manager import KVCacheManager
 from scheduler_service.preemption_policy import TransferSpeeds
 from scheduler_service.scheduler import Scheduler
-from scheduler_service.scheduler_config import SchedulerConfig
 from scheduler_service.sequence import Sequence, SequenceStatus
-from shared.step_plan import (
-    BlockPairs,
-    ContinuedSequence,
-    NewSequence,
-    SamplingOptions,
-    SequenceId,
-    SequenceOutput,
-    StepPlan,
-    StepResult,
+from shared.step_plan import BlockPairs, ContinuedSequence, NewSequence, SequenceOutput, StepPlan
+from tests.helpers.executor_mirror import (
+    GREEDY,
+    ExecutorMirror,
+    make_scheduler,
+    make_seq,
+    own_prompt,
+    sampled_token,
+    step,
 )
 
-GREEDY = SamplingOptions()
 SHARED = (7, 7, 8, 8, 9, 9, 6, 6)
 # Swap of one 1 kB block: 1 ms out + 1 ms in; recompute: 1 ms per token.
 CHEAP_SWAP = TransferSpeeds(1000, 1e6, 1e6, 1e3)
 DEAR_SWAP = TransferSpeeds(1000, 1e3, 1e3, 1e6)
-
-
-def make_scheduler(
-    *,
-    num_blocks: int = 16,
-    block_size: int = 4,
-    max_num_batched_tokens: int = 16,
-    max_num_seqs: int = 4,
-    max_model_len: int = 32,
-    num_host_blocks: int = 0,
-    preemption_mode: str = "recompute",
-    transfer_speeds: TransferSpeeds | None = None,
-    enable_prefix_caching: bool = True,
-) -> Scheduler:
-    config = SchedulerConfig(
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_model_len=max_model_len,
-        block_size=block_size,
-        num_device_blocks=num_blocks,
-        num_host_blocks=num_host_blocks,
-        preemption_mode=preemption_mode,
-        transfer_speeds=transfer_speeds,
-    )
-    return Scheduler(config, KVCacheManager(BlockPool(num_blocks), block_size, enable_prefix_caching))
-
-
-def sampled_token(sequence_id: int, position: int) -> int:
-    return 1000 * sequence_id + position
-
-
-def make_seq(sequence_id: int, prompt: tuple[int, ...], cache_salt: str | None = None) -> Sequence:
-    return Sequence(SequenceId(sequence_id), prompt, arrival_index=sequence_id, cache_salt=cache_salt)
-
-
-def own_prompt(sequence_id: int, num_tokens: int) -> tuple[int, ...]:
-    return tuple(100 * sequence_id + i for i in range(num_tokens))
-
-
-class KVMirror:
-    """A correct executor rebuilt from the plans alone, down to what each KV slot holds.
-
-    A slot holds the tokens from the start of its sequence through its position: K/V at a position is
-    a function of exactly those. Each step applies the plan in the executor's order (drop, swap_out,
-    swap_in, add new, extend continued), writes every scheduled token's slot, and only then checks
-    that each scheduled sequence reads its own prefix in every slot it attends to, as the executor
-    writes a layer's K/V for the whole batch before that layer's attention reads. Any block shared,
-    swapped or reused wrongly shows up as a slot holding other tokens.
-    """
-
-    def __init__(self, block_size: int, num_device_blocks: int, num_host_blocks: int = 0) -> None:
-        self.block_size = block_size
-        self.num_device_blocks = num_device_blocks
-        self.num_host_blocks = num_host_blocks
-        self.device: dict[int, tuple[int, ...]] = {}
-        self.host: dict[int, tuple[int, ...]] = {}
-        self.token_ids: dict[int, list[int]] = {}
-        self.num_computed: dict[int, int] = {}
-        self.block_ids: dict[int, list[int]] = {}
-
-    def _copy(self, pairs: BlockPairs, src: dict, dst: dict, num_src: int, num_dst: int) -> None:
-        for src_block, dst_block in pairs.pairs():
-            assert 0 <= src_block < num_src and 0 <= dst_block < num_dst
-            for offset in range(self.block_size):
-                content = src.get(src_block * self.block_size + offset)
-                dst.pop(dst_block * self.block_size + offset, None)
-                if content is not None:
-                    dst[dst_block * self.block_size + offset] = content
-
-    def slot(self, sequence_id: int, position: int) -> int:
-        block_id = self.block_ids[sequence_id][position // self.block_size]
-        assert 0 <= block_id < self.num_device_blocks
-        return block_id * self.block_size + position % self.block_size
-
-    def step(self, plan: StepPlan) -> StepResult:
-        assert not (len(plan.swap_out) and len(plan.swap_in)), "a plan swaps out and in"
-        for sequence_id in (*plan.finished_sequence_ids, *plan.preempted_sequence_ids):
-            del self.token_ids[sequence_id], self.num_computed[sequence_id], self.block_ids[sequence_id]
-        self._copy(plan.swap_out, self.device, self.host, self.num_device_blocks, self.num_host_blocks)
-        self._copy(plan.swap_in, self.host, self.device, self.num_host_blocks, self.num_device_blocks)
-        work: list[tuple[int, int, int]] = []
-        for new in plan.new_sequences:
-            assert new.sequence_id not in self.token_ids
-            self.token_ids[new.sequence_id] = list(new.token_ids)
-            self.num_computed[new.sequence_id] = new.num_computed_tokens
-            self.block_ids[new.sequence_id] = list(new.block_ids)
-            work.append((new.sequence_id, new.num_computed_tokens, new.num_scheduled_tokens))
-        for cont in plan.continued_sequences:
-            self.block_ids[cont.sequence_id].extend(cont.new_block_ids)
-            work.append((cont.sequence_id, self.num_computed[cont.sequence_id], cont.num_scheduled_tokens))
-        for sequence_id, start, num_tokens in work:
-            tokens = self.token_ids[sequence_id]
-            assert start + num_tokens <= len(tokens)
-            for position in range(start, start + num_tokens):
-                self.device[self.slot(sequence_id, position)] = tuple(tokens[: position + 1])
-        outputs = []
-        for sequence_id, start, num_tokens in work:
-            tokens = self.token_ids[sequence_id]
-            for position in range(start + num_tokens):
-                assert self.device.get(self.slot(sequence_id, position)) == tuple(tokens[: position + 1]), (
-                    f"sequence {sequence_id} reads wrong K/V at position {position}"
-                )
-            self.num_computed[sequence_id] = start + num_tokens
-            sampled: tuple[int, ...] = ()
-            if start + num_tokens == len(tokens):
-                sampled = (sampled_token(sequence_id, len(tokens)),)
-                tokens.append(sampled[0])
-            outputs.append(SequenceOutput(SequenceId(sequence_id), sampled))
-        return StepResult(step_id=plan.step_id, outputs=tuple(outputs))
-
-
-def step(scheduler: Scheduler, executor: KVMirror) -> tuple[StepPlan, list[SequenceOutput]]:
-    plan = scheduler.schedule()
-    assert plan is not None
-    scheduler.check_integrity()
-    outputs = scheduler.apply_result(executor.step(plan))
-    scheduler.check_integrity()
-    return plan, outputs
 
 
 def ref_counts(scheduler: Scheduler) -> list[int]:
@@ -156,7 +34,7 @@ def ref_counts(scheduler: Scheduler) -> list[int]:
 
 def test_admission_reuses_a_cached_prefix_and_computes_only_the_rest() -> None:
     scheduler = make_scheduler()
-    executor = KVMirror(4, 16)
+    executor = ExecutorMirror(4, 16)
     first, second = make_seq(1, SHARED + (1, 2)), make_seq(2, SHARED + (3, 4, 5))
     scheduler.add_sequence(first)
     plan, _ = step(scheduler, executor)
@@ -178,7 +56,7 @@ def test_admission_reuses_a_cached_prefix_and_computes_only_the_rest() -> None:
 
 def test_a_sequence_admitted_in_the_same_step_reuses_blocks_computed_in_that_step() -> None:
     scheduler = make_scheduler()
-    executor = KVMirror(4, 16)
+    executor = ExecutorMirror(4, 16)
     scheduler.add_sequence(make_seq(1, SHARED + (1, 2)))
     scheduler.add_sequence(make_seq(2, SHARED + (3, 4, 5)))
     plan, outputs = step(scheduler, executor)
@@ -191,7 +69,7 @@ def test_a_sequence_admitted_in_the_same_step_reuses_blocks_computed_in_that_ste
 
 def test_different_salts_share_nothing() -> None:
     scheduler = make_scheduler(max_num_batched_tokens=32)
-    executor = KVMirror(4, 16)
+    executor = ExecutorMirror(4, 16)
     scheduler.add_sequence(make_seq(1, SHARED + (1,), cache_salt="tenant-a"))
     scheduler.add_sequence(make_seq(2, SHARED + (1,), cache_salt="tenant-b"))
     scheduler.add_sequence(make_seq(3, SHARED + (1,), cache_salt="tenant-a"))
@@ -205,7 +83,7 @@ def test_different_salts_share_nothing() -> None:
 
 def test_with_prefix_caching_off_nothing_is_shared() -> None:
     scheduler = make_scheduler(max_num_batched_tokens=32, enable_prefix_caching=False)
-    executor = KVMirror(4, 16)
+    executor = ExecutorMirror(4, 16)
     scheduler.add_sequence(make_seq(1, SHARED + (1,)))
     scheduler.add_sequence(make_seq(2, SHARED + (1,)))
     plan, _ = step(scheduler, executor)
@@ -216,14 +94,14 @@ def test_with_prefix_caching_off_nothing_is_shared() -> None:
     assert scheduler.kv_cache_manager.block_pool.num_cached_blocks == 0
 
 
-def two_decoders(**overrides: object) -> tuple[Scheduler, KVMirror, Sequence, Sequence]:
+def two_decoders(**overrides: object) -> tuple[Scheduler, ExecutorMirror, Sequence, Sequence]:
     """Two 3-token prompts in 4 blocks of 2: at step 3 the first needs a block and the second yields."""
     settings: dict[str, object] = dict(
         num_blocks=4, block_size=2, max_num_batched_tokens=8, max_num_seqs=2, max_model_len=8
     )
     settings.update(overrides)
     scheduler = make_scheduler(**settings)
-    executor = KVMirror(2, 4, int(settings.get("num_host_blocks", 0)))
+    executor = ExecutorMirror(2, 4, int(settings.get("num_host_blocks", 0)))
     first, second = make_seq(1, own_prompt(1, 3)), make_seq(2, own_prompt(2, 3))
     scheduler.add_sequence(first)
     scheduler.add_sequence(second)
@@ -233,7 +111,7 @@ def two_decoders(**overrides: object) -> tuple[Scheduler, KVMirror, Sequence, Se
 
 
 def finish_first_then_resume(
-    scheduler: Scheduler, executor: KVMirror, first: Sequence, num_outputs: int = 5
+    scheduler: Scheduler, executor: ExecutorMirror, first: Sequence, num_outputs: int = 5
 ) -> StepPlan:
     while first.num_output_tokens < num_outputs:
         step(scheduler, executor)
@@ -300,7 +178,7 @@ def test_a_swap_resume_computes_the_last_token_again_when_its_sample_was_dropped
         num_blocks=4, block_size=2, max_num_batched_tokens=8, max_num_seqs=2, max_model_len=8,
         num_host_blocks=4, preemption_mode="swap",
     )
-    executor = KVMirror(2, 4, 4)
+    executor = ExecutorMirror(2, 4, 4)
     first, second = make_seq(1, own_prompt(1, 3)), make_seq(2, own_prompt(2, 3))
     scheduler.add_sequence(first)
     step(scheduler, executor)
@@ -380,7 +258,7 @@ def test_recompute_is_estimated_without_the_prefix_other_sequences_hold() -> Non
         num_blocks=6, block_size=2, max_num_batched_tokens=12, max_num_seqs=2, max_model_len=12,
         num_host_blocks=8, preemption_mode="auto", transfer_speeds=CHEAP_SWAP,
     )
-    executor = KVMirror(2, 6, 8)
+    executor = ExecutorMirror(2, 6, 8)
     scheduler.add_sequence(make_seq(1, (5, 5, 6, 6, 1)))
     scheduler.add_sequence(make_seq(2, (5, 5, 6, 6, 2)))
     step(scheduler, executor)
@@ -405,7 +283,7 @@ def test_a_lost_executor_turns_swapped_sequences_into_recomputes_and_empties_the
     assert scheduler.kv_cache_manager.block_pool.num_cached_blocks == 0
     assert second.recompute_until == 4
 
-    executor = KVMirror(2, 4, 4)
+    executor = ExecutorMirror(2, 4, 4)
     plan, _ = step(scheduler, executor)
     assert [(s.sequence_id, s.num_computed_tokens, s.num_scheduled_tokens) for s in plan.new_sequences] == [
         (1, 0, 6),
@@ -431,7 +309,7 @@ def run_workload(
         num_host_blocks=12, preemption_mode=preemption_mode, transfer_speeds=speeds,
         enable_prefix_caching=enable_prefix_caching,
     )
-    executor = KVMirror(4, 10, 12)
+    executor = ExecutorMirror(4, 10, 12)
     prefixes = [tuple(rng.randrange(50) for _ in range(12)) for _ in range(2)]
     max_tokens: dict[int, int] = {}
     pending = list(range(1, 17))

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 from scheduler_service.scheduler import Scheduler
-from scheduler_service.sequence import Sequence
-from shared.step_plan import ContinuedSequence, NewSequence, SequenceId, SequenceOutput, StepPlan
-from tests.unit.test_scheduler_memory import GREEDY, KVMirror, make_scheduler, own_prompt
-
-
-def make_seq(sequence_id: int, prompt: tuple[int, ...], max_num_tokens: int | None = None) -> Sequence:
-    return Sequence(SequenceId(sequence_id), prompt, arrival_index=sequence_id, max_num_tokens=max_num_tokens)
+from shared.step_plan import ContinuedSequence, NewSequence, SequenceOutput, StepPlan
+from tests.helpers.executor_mirror import GREEDY, ExecutorMirror, make_scheduler, make_seq, own_prompt
 
 
 def schedule(scheduler: Scheduler, expected_in_flight: int) -> StepPlan:
@@ -20,7 +15,7 @@ def schedule(scheduler: Scheduler, expected_in_flight: int) -> StepPlan:
     return plan
 
 
-def apply(scheduler: Scheduler, executor: KVMirror, plan: StepPlan) -> list[SequenceOutput]:
+def apply(scheduler: Scheduler, executor: ExecutorMirror, plan: StepPlan) -> list[SequenceOutput]:
     outputs = scheduler.apply_result(executor.step(plan))
     scheduler.check_integrity()
     return outputs
@@ -28,7 +23,7 @@ def apply(scheduler: Scheduler, executor: KVMirror, plan: StepPlan) -> list[Sequ
 
 def test_the_second_plan_decodes_placeholders_and_takes_a_block_only_at_a_boundary() -> None:
     scheduler = make_scheduler(enable_prefix_caching=False)
-    executor = KVMirror(4, 16)
+    executor = ExecutorMirror(4, 16)
     short, long = make_seq(1, own_prompt(1, 2)), make_seq(2, own_prompt(2, 5))
     scheduler.add_sequence(short)
     scheduler.add_sequence(long)
@@ -64,7 +59,7 @@ def test_the_second_plan_decodes_placeholders_and_takes_a_block_only_at_a_bounda
 
 def test_a_stop_found_one_step_late_costs_one_dropped_output_and_frees_everything() -> None:
     scheduler = make_scheduler(num_blocks=2, max_model_len=8, enable_prefix_caching=False)
-    executor = KVMirror(4, 2)
+    executor = ExecutorMirror(4, 2)
     stopping = make_seq(1, own_prompt(1, 3))
     scheduler.add_sequence(stopping)
     first = schedule(scheduler, 1)
@@ -92,7 +87,7 @@ def test_a_stop_found_one_step_late_costs_one_dropped_output_and_frees_everythin
 
 def test_no_placeholder_is_scheduled_past_max_tokens_or_max_model_len() -> None:
     scheduler = make_scheduler(max_model_len=8, enable_prefix_caching=False)
-    executor = KVMirror(4, 16)
+    executor = ExecutorMirror(4, 16)
     capped, filling = make_seq(1, own_prompt(1, 3), max_num_tokens=5), make_seq(2, own_prompt(2, 6))
     scheduler.add_sequence(capped)
     scheduler.add_sequence(filling)
@@ -115,7 +110,7 @@ def test_a_recompute_preemption_drops_the_tokens_in_flight_and_resends_only_know
         num_blocks=4, block_size=2, max_num_batched_tokens=8, max_num_seqs=2, max_model_len=8,
         enable_prefix_caching=False,
     )
-    executor = KVMirror(2, 4)
+    executor = ExecutorMirror(2, 4)
     first, second = make_seq(1, own_prompt(1, 4)), make_seq(2, own_prompt(2, 4))
     scheduler.add_sequence(first)
     scheduler.add_sequence(second)
@@ -142,7 +137,7 @@ def test_a_recompute_preemption_drops_the_tokens_in_flight_and_resends_only_know
 
 def test_a_block_holding_a_placeholder_is_cached_only_once_its_tokens_are_known() -> None:
     scheduler = make_scheduler(num_blocks=8)
-    executor = KVMirror(4, 8)
+    executor = ExecutorMirror(4, 8)
     pool = scheduler.kv_cache_manager.block_pool
     writer = make_seq(1, own_prompt(1, 3))
     scheduler.add_sequence(writer)
