@@ -63,7 +63,7 @@ def validate_sampling_options(options: SamplingOptions, vocab_size: int, max_log
     _require(math.isfinite(t) and t >= 0.0, f"temperature must be a finite number >= 0 (0 = greedy), got {t}")
     p = options.top_p
     _require(math.isfinite(p) and 0.0 < p <= 1.0, f"top_p must be in (0, 1], got {p}")
-    _require(options.top_k >= -1, f"top_k must be -1 (disabled) or >= 0, got {options.top_k}")
+    _require(options.top_k >= -1, f"top_k must be -1 or 0 (disabled) or >= 1, got {options.top_k}")
     m = options.min_p
     _require(math.isfinite(m) and 0.0 <= m <= 1.0, f"min_p must be in [0, 1], got {m}")
     r = options.repetition_penalty
