@@ -9,8 +9,12 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from shared.logging_setup import configure_logging
+
+if TYPE_CHECKING:
+    from scheduler_service.engine_config import EngineConfig
 
 
 def _parse_bytes(text: str) -> int:
@@ -114,7 +118,7 @@ def _add_scheduler_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_scheduler)
 
 
-def _engine_config(args: argparse.Namespace, executor_address: str):  # -> EngineConfig
+def _engine_config(args: argparse.Namespace, executor_address: str) -> EngineConfig:
     from scheduler_service.engine_config import EngineConfig
 
     return EngineConfig(

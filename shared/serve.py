@@ -10,8 +10,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
+
+if TYPE_CHECKING:
+    from scheduler_service.engine_config import EngineConfig
 
 log = structlog.get_logger(__name__)
 
@@ -29,7 +33,7 @@ def _ensure_tiny_model(path: Path) -> Path:
     return path
 
 
-def serve_both(args: argparse.Namespace, engine_config) -> int:  # engine_config: EngineConfig
+def serve_both(args: argparse.Namespace, engine_config: EngineConfig) -> int:
     """Starts the executor as a child process, serves the scheduler here, stops both on SIGTERM/SIGINT."""
     from scheduler_service.server import serve
 
