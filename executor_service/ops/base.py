@@ -103,3 +103,17 @@ class OpsBackend(ABC):
         s >= 0 becomes `out[t] + v[t] @ lora_b[s].T`, summed in float32 and rounded once to `out`'s
         dtype; other rows are untouched.
         """
+
+
+def check_block_pairs(
+    op_name: str,
+    src_block_ids: list[int],
+    dst_block_ids: list[int],
+    src_caches: list[torch.Tensor] | None = None,
+    dst_caches: list[torch.Tensor] | None = None,
+) -> None:
+    """The argument checks every backend's block copy and swap share; raises ValueError."""
+    if src_caches is not None and dst_caches is not None and len(src_caches) != len(dst_caches):
+        raise ValueError(f"{op_name} got {len(src_caches)} source caches but {len(dst_caches)} destinations")
+    if len(src_block_ids) != len(dst_block_ids):
+        raise ValueError(f"{op_name} got {len(src_block_ids)} sources but {len(dst_block_ids)} destinations")

@@ -12,6 +12,7 @@ import torch
 
 from executor_service.ops import cuda_kernels as catalog
 from executor_service.ops import cuda_module
+from executor_service.ops.base import check_block_pairs
 
 
 def _block_bytes(cache: torch.Tensor) -> int:
@@ -49,10 +50,7 @@ class CudaBlockCopier:
 
     def copy(self, caches: list[torch.Tensor], src_block_ids: list[int], dst_block_ids: list[int]) -> bool:
         """Copies blocks src -> dst within each cache, all sources read before any write."""
-        if len(src_block_ids) != len(dst_block_ids):
-            raise ValueError(
-                f"copy_blocks got {len(src_block_ids)} sources but {len(dst_block_ids)} destinations"
-            )
+        check_block_pairs("copy_blocks", src_block_ids, dst_block_ids)
         if not src_block_ids or not caches:
             return True
         if not self._addressable(caches) or any(cache.device.type != "cuda" for cache in caches):
@@ -83,14 +81,7 @@ class CudaBlockCopier:
         dst_block_ids: list[int],
     ) -> bool:
         """Copies `src_caches[k][src] -> dst_caches[k][dst]` across devices; done when it returns."""
-        if len(src_caches) != len(dst_caches):
-            raise ValueError(
-                f"swap_blocks got {len(src_caches)} source caches but {len(dst_caches)} destinations"
-            )
-        if len(src_block_ids) != len(dst_block_ids):
-            raise ValueError(
-                f"swap_blocks got {len(src_block_ids)} sources but {len(dst_block_ids)} destinations"
-            )
+        check_block_pairs("swap_blocks", src_block_ids, dst_block_ids, src_caches, dst_caches)
         if not src_block_ids or not src_caches:
             return True
         if not self._addressable(src_caches + dst_caches):

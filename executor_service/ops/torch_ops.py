@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from executor_service.attention_metadata import AttentionMetadata
 from executor_service.ops import torch_sgmv
-from executor_service.ops.base import OpsBackend
+from executor_service.ops.base import OpsBackend, check_block_pairs
 from executor_service.ops.sgmv_segments import SgmvSegments
 
 # Sequences computing at most this many tokens (decodes, speculative verification) are batched
@@ -112,10 +112,7 @@ class TorchOps(OpsBackend):
     def copy_blocks(
         self, caches: list[torch.Tensor], src_block_ids: list[int], dst_block_ids: list[int]
     ) -> None:
-        if len(src_block_ids) != len(dst_block_ids):
-            raise ValueError(
-                f"copy_blocks got {len(src_block_ids)} sources but {len(dst_block_ids)} destinations"
-            )
+        check_block_pairs("copy_blocks", src_block_ids, dst_block_ids)
         if not src_block_ids:
             return
         by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -136,14 +133,7 @@ class TorchOps(OpsBackend):
         src_block_ids: list[int],
         dst_block_ids: list[int],
     ) -> None:
-        if len(src_caches) != len(dst_caches):
-            raise ValueError(
-                f"swap_blocks got {len(src_caches)} source caches but {len(dst_caches)} destinations"
-            )
-        if len(src_block_ids) != len(dst_block_ids):
-            raise ValueError(
-                f"swap_blocks got {len(src_block_ids)} sources but {len(dst_block_ids)} destinations"
-            )
+        check_block_pairs("swap_blocks", src_block_ids, dst_block_ids, src_caches, dst_caches)
         if not src_block_ids or not src_caches:
             return
         src = _index_tensor(src_block_ids, src_caches[0].device)

@@ -8,6 +8,7 @@ import torch
 from executor_service.ops.cuda_launch_plan import plan_attention_launch
 from executor_service.ops.torch_ops import TorchOps
 from tests.gpu.gpu_checks import RELATIVE_BOUNDS, poison_allocator, relative_error
+from tests.helpers.block_tables import scattered_block_tables
 
 # (query_lens, context_lens): odd lengths, 1-token and 2k-token contexts, chunked prefill over a
 # cached prefix, full prefills and decodes in one launch.
@@ -19,19 +20,6 @@ SCENARIOS = {
 }
 GQA = {"ratio1": (4, 4), "ratio4": (8, 2), "ratio8": (16, 2)}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def scattered_tables(
-    context_lens: list[int], block_size: int, generator: torch.Generator
-) -> tuple[list[list[int]], int]:
-    needed = [-(-n // block_size) for n in context_lens]
-    num_blocks = sum(needed) + 7
-    pool = torch.randperm(num_blocks, generator=generator).tolist()
-    tables, taken = [], 0
-    for count in needed:
-        tables.append(pool[taken : taken + count])
-        taken += count
-    return tables, num_blocks
 
 
 def run_attention(
@@ -49,7 +37,7 @@ def run_attention(
 ):
     """(CUDA output, fp32 torch reference) for one batch whose unused cache slots hold NaN."""
     generator = torch.Generator().manual_seed(seed)
-    tables, num_blocks = scattered_tables(context_lens, block_size, generator)
+    tables, num_blocks = scattered_block_tables(context_lens, block_size, generator, num_spare_blocks=7)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     key_cache = torch.full(shape, float("nan"), dtype=dtype)
     value_cache = torch.full(shape, float("nan"), dtype=dtype)

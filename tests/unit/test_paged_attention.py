@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from executor_service.ops.torch_ops import MAX_BATCHED_QUERY_LEN, TorchOps
+from tests.helpers.block_tables import scattered_block_tables
 
 HEAD_DIM = 16
 
@@ -24,20 +25,6 @@ def reference_attention(
     hidden = torch.arange(context_len)[None, :] > query_positions[:, None]
     scores = scores.masked_fill(hidden[None], float("-inf"))
     return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), values)
-
-
-def scattered_block_tables(
-    context_lens: list[int], block_size: int, generator: torch.Generator
-) -> tuple[list[list[int]], int]:
-    """Block tables drawn from a shuffled pool with spare blocks, so no table is contiguous."""
-    needed = [-(-n // block_size) for n in context_lens]
-    num_blocks = sum(needed) + 5
-    pool = torch.randperm(num_blocks, generator=generator).tolist()
-    tables, taken = [], 0
-    for count in needed:
-        tables.append(pool[taken : taken + count])
-        taken += count
-    return tables, num_blocks
 
 
 def run_case(
