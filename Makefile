@@ -10,7 +10,7 @@ PB_STAMP := shared/pb/.generated
 # The CPU wheel of torch; a bare `torch` could pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install proto run test test-unit test-integration test-gpu generate clean
+.PHONY: install proto run test test-unit test-integration test-gpu test-emulated generate clean
 
 install: $(STAMP) $(PB_STAMP)
 
@@ -40,8 +40,10 @@ run: install
 generate: install
 	$(VENV)/bin/pagewire generate "$(PROMPT)" $(ARGS)
 
+# `slow` marks the part of the emulated kernel matrix that `make test-emulated` adds (see
+# tests/kernels/conftest.py).
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
 
 # The CPU comparison (pagewire vs transformers, under 10 minutes on 2 cores): writes
 # benchmarks/results/compare.{json,md} and the table in benchmarks/README.md. ARGS adds flags.
@@ -56,7 +58,11 @@ test-integration: install
 	$(PY) -m pytest -q tests/integration
 
 test-gpu: install
-	$(PY) -m pytest -q -m gpu tests/gpu
+	$(PY) -m pytest -q -m gpu tests/kernels
+
+# The whole kernel suite on the CPU through the kernel emulator (about 9 minutes on 2 cores).
+test-emulated: install
+	$(PY) -m pytest -q -k emulated tests/kernels
 
 # A lent GPU machine has no network, grpcio-tools or structlog: `make gpu-bundle` (here, on the CPU
 # machine) puts the generated protobuf modules and cp312 wheels into .gpu-bundle/, which travels with
@@ -80,4 +86,4 @@ gpu-check:
 	$(PYTHON) -m benchmarks.gpu_check --results-dir $(RESULTS_DIR)
 
 clean:
-	rm -rf $(VENV) shared/pb
+	rm -rf $(VENV) shared/pb build

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             "-q",
             "-m",
             "gpu",
-            "tests/gpu",
+            "tests/kernels",
             "-p",
             "no:cacheprovider",
             f"--junitxml={results / 'gpu-tests.xml'}",
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     table_path = results / "kernels.md"
     table = table_path.read_text(encoding="utf-8") if table_path.exists() else "(no benchmark table)"
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
     ).stdout.strip()
     when = datetime.datetime.now(datetime.UTC)
     tests_line = pytest_summary((results / "gpu-tests.log").read_text())
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             f"# GPU check {when:%Y-%m-%d %H:%M} UTC, commit {commit or 'unknown'}",
             "",
-            f"GPU suite (`pytest -m gpu tests/gpu`, exit {tests_status}): {tests_line}",
+            f"GPU suite (`pytest -m gpu tests/kernels`, exit {tests_status}): {tests_line}",
             f"Kernel benchmark (`python -m benchmarks.kernels`, exit {bench_status}):",
             "",
             table,

@@ -15,7 +15,7 @@ from executor_service.model.config import ModelConfig
 from executor_service.model.dtype import resolve_dtype
 from executor_service.model.loader import load_model
 from executor_service.model_runner import ModelRunner
-from executor_service.ops import create_ops_backend
+from executor_service.ops import OpsBackend, create_ops_backend
 from executor_service.persistent_batch import BatchLimits
 from executor_service.sampler import Sampler
 
@@ -79,14 +79,15 @@ class Executor:
         self.info = info
 
     @classmethod
-    def load(cls, config: ExecutorConfig) -> Executor:
+    def load(cls, config: ExecutorConfig, ops: OpsBackend | None = None) -> Executor:
+        """Loads the model and sizes the KV pool; `ops` overrides the backend `config.ops_backend` names."""
         torch.manual_seed(config.seed)
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         device = resolve_device(config.device)
         model_config = ModelConfig.from_pretrained_dir(config.model_dir)
         dtype = resolve_dtype(config.dtype, model_config.torch_dtype, device)
-        ops = create_ops_backend(config.ops_backend, device.type)
+        ops = ops if ops is not None else create_ops_backend(config.ops_backend, device.type)
         model, model_config = load_model(config.model_dir, dtype, device, ops)
         geometry = KVGeometry(
             num_layers=model_config.num_layers,
@@ -137,9 +138,14 @@ class Executor:
         )
         log.info(
             "executor_loaded",
-            model=config.model_dir, device=device_name, dtype=str(dtype), ops=ops.name,
-            num_device_blocks=num_device_blocks, num_host_blocks=num_host_blocks,
-            swap_out_bytes_per_second=round(swap_out), swap_in_bytes_per_second=round(swap_in),
+            model=config.model_dir,
+            device=device_name,
+            dtype=str(dtype),
+            ops=ops.name,
+            num_device_blocks=num_device_blocks,
+            num_host_blocks=num_host_blocks,
+            swap_out_bytes_per_second=round(swap_out),
+            swap_in_bytes_per_second=round(swap_in),
             prefill_tokens_per_second=round(prefill, 1),
         )
         return cls(runner, info)

@@ -1,7 +1,9 @@
-// Helpers shared by every kernel family: the three storage dtypes, 16-byte vector (un)packing,
-// cp.async and warp reductions. The Python loader pastes this file in place of its #include line,
+// Helpers shared by every kernel family: the three storage dtypes, 16-byte vector (un)packing and
+// warp reductions. The Python loader pastes this file and ptx.cuh in place of their #include lines,
 // so kernels compile with NVRTC alone: no CUDA headers, no CuPy headers.
 #pragma once
+
+#include "ptx.cuh"
 
 // fp16 and bf16 as raw bits: the CUDA half headers are not available to NVRTC everywhere,
 // and every kernel computes in fp32 anyway.
@@ -12,26 +14,8 @@ struct __align__(2) pw_bf16 {
   unsigned short bits;
 };
 
-__device__ __forceinline__ float pw_half_bits_to_float(unsigned int bits) {
-  float value;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(value) : "h"((unsigned short)bits));
-  return value;
-}
-
-__device__ __forceinline__ unsigned int pw_float_to_half_bits(float value) {
-  unsigned short bits;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(value));
-  return bits;
-}
-
 __device__ __forceinline__ float pw_bf16_bits_to_float(unsigned int bits) {
   return __uint_as_float((bits & 0xffffu) << 16);
-}
-
-__device__ __forceinline__ unsigned int pw_float_to_bf16_bits(float value) {
-  unsigned short bits;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(value));
-  return bits;
 }
 
 __device__ __forceinline__ unsigned int pw_word(const uint4& v, int i) {
@@ -107,21 +91,6 @@ template <>
 struct PwDtype<pw_half> : PwHalfWidthDtype<pw_half, false> {};
 template <>
 struct PwDtype<pw_bf16> : PwHalfWidthDtype<pw_bf16, true> {};
-
-// 16-byte global -> shared copy that bypasses L1; when `valid` is false it reads nothing and
-// writes zeros, so masked keys and values are finite (0 * NaN would survive masking).
-__device__ __forceinline__ void pw_cp_async_16(void* shared_dst, const void* global_src, bool valid) {
-  const unsigned int dst = (unsigned int)__cvta_generic_to_shared(shared_dst);
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global_src), "r"(src_bytes));
-}
-
-__device__ __forceinline__ void pw_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int kPending>
-__device__ __forceinline__ void pw_cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
 
 __device__ __forceinline__ float pw_warp_max(float value) {
 #pragma unroll

@@ -13,13 +13,13 @@ def create_ops_backend(name: str, device: str) -> OpsBackend:
     if name not in ("auto", "torch", "cuda"):
         raise ValueError(f"unknown ops backend {name!r}: choose auto, torch or cuda")
     if name == "cuda" or (name == "auto" and device.startswith("cuda")):
+        from executor_service.ops.cuda_ops import CudaOps
+
         try:
-            from executor_service.ops.cuda_ops import CudaOps  # noqa: PLC0415 (optional extra)
+            return CudaOps()
         except ImportError as error:
             if name == "cuda":
                 raise ValueError(f"the cuda ops backend is not available: {error}") from error
-        else:
-            return CudaOps()
     return TorchOps()
 
 

@@ -54,7 +54,9 @@ class OpsBackend(ABC):
         """
 
     @abstractmethod
-    def copy_blocks(self, caches: list[torch.Tensor], src_block_ids: list[int], dst_block_ids: list[int]) -> None:
+    def copy_blocks(
+        self, caches: list[torch.Tensor], src_block_ids: list[int], dst_block_ids: list[int]
+    ) -> None:
         """Copies whole blocks within each cache tensor of `caches` (same device), in place."""
 
     @abstractmethod

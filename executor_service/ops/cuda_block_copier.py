@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from executor_service.ops import cuda_kernels as catalog
-from executor_service.ops import cuda_module
 from executor_service.ops.base import check_block_pairs
+from executor_service.ops.kernel_runtime import KernelRuntime, pointer
 
 
 def _block_bytes(cache: torch.Tensor) -> int:
@@ -44,7 +44,8 @@ class CudaBlockCopier:
     address (non-contiguous, mixed shapes, pageable host memory); the caller then falls back.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, runtime: KernelRuntime) -> None:
+        self.runtime = runtime
         # Base-address tables on the device, keyed by the addresses: a KV pool's caches never move.
         self._tables: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -53,7 +54,7 @@ class CudaBlockCopier:
         check_block_pairs("copy_blocks", src_block_ids, dst_block_ids)
         if not src_block_ids or not caches:
             return True
-        if not self._addressable(caches) or any(cache.device.type != "cuda" for cache in caches):
+        if not self._addressable(caches) or not all(self.runtime.is_device_tensor(cache) for cache in caches):
             return False
         _check_block_ids(src_block_ids, caches[0].shape[0], "source")
         _check_block_ids(dst_block_ids, caches[0].shape[0], "destination")
@@ -88,16 +89,16 @@ class CudaBlockCopier:
             return False
         _check_block_ids(src_block_ids, src_caches[0].shape[0], "source")
         _check_block_ids(dst_block_ids, dst_caches[0].shape[0], "destination")
-        cuda_caches = [cache for cache in src_caches + dst_caches if cache.device.type == "cuda"]
-        if not cuda_caches:
+        device_caches = [cache for cache in src_caches + dst_caches if self.runtime.is_device_tensor(cache)]
+        if not device_caches:
             return False
-        device = cuda_caches[0].device
+        device = device_caches[0].device
         src_bases = self._device_addresses(src_caches)
         dst_bases = self._device_addresses(dst_caches)
         if src_bases is None or dst_bases is None:
             return False
         self._launch(src_caches[0], device, src_bases, dst_bases, src_block_ids, dst_block_ids)
-        torch.cuda.current_stream(device).synchronize()
+        self.runtime.synchronize(device)
         return True
 
     @staticmethod
@@ -108,20 +109,9 @@ class CudaBlockCopier:
             for cache in caches
         )
 
-    @staticmethod
-    def _device_addresses(caches: list[torch.Tensor]) -> list[int] | None:
-        addresses: list[int] = []
-        for cache in caches:
-            if cache.device.type == "cuda":
-                addresses.append(cache.data_ptr())
-                continue
-            if not cache.is_pinned():
-                return None
-            address = cuda_module.host_device_pointer(cache)
-            if address is None:
-                return None
-            addresses.append(address)
-        return addresses
+    def _device_addresses(self, caches: list[torch.Tensor]) -> list[int] | None:
+        addresses = [self.runtime.kernel_address(cache) for cache in caches]
+        return None if None in addresses else addresses  # type: ignore[return-value]
 
     def _table(self, addresses: list[int], device: torch.device) -> torch.Tensor:
         key = (device.index or 0, *addresses)
@@ -129,7 +119,7 @@ class CudaBlockCopier:
         if table is None:
             if len(self._tables) >= _MAX_CACHED_TABLES:
                 self._tables.clear()
-            table = torch.tensor(addresses, dtype=torch.int64).to(device)
+            table = self.runtime.upload(torch.tensor(addresses, dtype=torch.int64), device)
             self._tables[key] = table
         return table
 
@@ -146,12 +136,8 @@ class CudaBlockCopier:
         word_bytes = _word_bytes(block_bytes)
         assert word_bytes is not None
         name = catalog.copy_blocks_kernel(word_bytes)
-        ids = (
-            torch.tensor([src_block_ids, dst_block_ids], dtype=torch.int64)
-            .pin_memory()
-            .to(device, non_blocking=True)
-        )
-        cuda_module.launch(
+        ids = self.runtime.upload(torch.tensor([src_block_ids, dst_block_ids], dtype=torch.int64), device)
+        self.runtime.launch(
             catalog.BLOCK_COPY,
             (name,),
             name,
@@ -159,10 +145,10 @@ class CudaBlockCopier:
             (len(src_block_ids), len(src_bases), 1),
             (catalog.BLOCK_COPY_THREADS, 1, 1),
             (
-                cuda_module.pointer(self._table(src_bases, device)),
-                cuda_module.pointer(self._table(dst_bases, device)),
-                cuda_module.pointer(ids[0]),
-                cuda_module.pointer(ids[1]),
+                pointer(self._table(src_bases, device)),
+                pointer(self._table(dst_bases, device)),
+                pointer(ids[0]),
+                pointer(ids[1]),
                 np.int32(block_bytes // word_bytes),
             ),
         )

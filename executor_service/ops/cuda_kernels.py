@@ -6,6 +6,8 @@ sources, compiler options and name expressions from here, so what is checked is 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,35 @@ def sgmv_chunk_elements(dtype_name: str) -> int:
     return 32 * SGMV_VECTORS_PER_LANE * vector_elements(dtype_name)
 
 
+_INCLUDE = re.compile(r'^#include "([^"]+)"[ \t]*$', re.MULTILINE)
+
+
+def paste_includes(
+    text: str, headers: Mapping[str, str] | None = None, seen: frozenset[str] = frozenset()
+) -> str:
+    """`text` with each `#include "name"` replaced by that header's text, recursively, each header once.
+
+    Headers are read from `kernels/` unless `headers` gives a substitute text for the name (a host build
+    of the kernels swaps `ptx.cuh` for plain C++ this way).
+    """
+    pasted = set(seen)
+
+    def paste(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name in pasted:
+            return ""
+        pasted.add(name)
+        if headers is not None and name in headers:
+            header = headers[name]
+        elif (KERNELS_DIR / name).is_file():
+            header = (KERNELS_DIR / name).read_text(encoding="utf-8")
+        else:
+            raise ValueError(f"kernels include {name!r}, which is not in {KERNELS_DIR}")
+        return paste_includes(header.replace("#pragma once\n", ""), headers, frozenset(pasted))
+
+    return _INCLUDE.sub(paste, text)
+
+
 @dataclass(frozen=True, slots=True)
 class KernelFamily:
     """One `.cu` file and the name expressions of all its instantiations."""
@@ -52,14 +83,12 @@ class KernelFamily:
     name: str
     source_file: str
 
-    def source(self) -> str:
-        """The `.cu` text with `common.cuh` pasted over its include line (self-contained for NVRTC)."""
+    def source(self, headers: Mapping[str, str] | None = None) -> str:
+        """The `.cu` text with its headers pasted in (self-contained for NVRTC); see `paste_includes`."""
         text = (KERNELS_DIR / self.source_file).read_text(encoding="utf-8")
-        header = (KERNELS_DIR / COMMON_HEADER).read_text(encoding="utf-8").replace("#pragma once\n", "")
-        include = f'#include "{COMMON_HEADER}"'
-        if include not in text:
+        if f'#include "{COMMON_HEADER}"' not in text:
             raise ValueError(f"{self.source_file} must include {COMMON_HEADER}")
-        return text.replace(include, header, 1)
+        return paste_includes(text, headers)
 
 
 PAGED_ATTENTION = KernelFamily("paged_attention", "paged_attention.cu")

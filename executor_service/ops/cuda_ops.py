@@ -1,6 +1,6 @@
-"""The CUDA ops backend: thin typed wrappers over the kernels in `kernels/`, launched through CuPy.
+"""The CUDA ops backend: thin typed wrappers over the kernels in `kernels/`, launched by a kernel runtime.
 
-Importing this module imports CuPy and raises ImportError when CuPy or a GPU is missing, which is how
+`CudaOps()` uses CuPy and raises ImportError when CuPy or a GPU is missing, which is how
 `create_ops_backend("auto", ...)` falls back to the torch backend.
 """
 
@@ -12,15 +12,13 @@ import torch
 
 from executor_service.attention_metadata import AttentionMetadata
 from executor_service.ops import cuda_kernels as catalog
-from executor_service.ops import cuda_module, torch_sgmv
+from executor_service.ops import torch_sgmv
 from executor_service.ops.base import OpsBackend
 from executor_service.ops.cuda_block_copier import CudaBlockCopier
 from executor_service.ops.cuda_launch_plan import AttentionLaunchPlan, plan_attention_launch
-from executor_service.ops.cuda_module import pointer
+from executor_service.ops.kernel_runtime import KernelRuntime, pointer
 from executor_service.ops.sgmv_segments import SgmvSegments
 from executor_service.ops.torch_ops import TorchOps
-
-cuda_module.import_cupy()
 
 log = structlog.get_logger(__name__)
 
@@ -56,14 +54,20 @@ class CudaOps(OpsBackend):
     """Paged attention, K/V writes, block copy/swap and SGMV as CUDA kernels on torch tensors.
 
     Shapes the kernels were not instantiated for (see `cuda_kernels`) run on `fallback`, with one
-    warning per kind of shape. Launches go on the current torch stream of the tensors' device.
+    warning per kind of shape. Launches go in stream order on the tensors' device through `runtime`
+    (CuPy by default).
     """
 
     name = "cuda"
 
-    def __init__(self, fallback: OpsBackend | None = None) -> None:
+    def __init__(self, fallback: OpsBackend | None = None, runtime: KernelRuntime | None = None) -> None:
+        if runtime is None:
+            from executor_service.ops.cupy_runtime import CupyRuntime
+
+            runtime = CupyRuntime()
+        self.runtime = runtime
         self.fallback = fallback if fallback is not None else TorchOps()
-        self.block_copier = CudaBlockCopier()
+        self.block_copier = CudaBlockCopier(runtime)
         self._warned: set[str] = set()
         self._plan_key: tuple[AttentionMetadata, int, int] | None = None
         self._plan: tuple[AttentionLaunchPlan, torch.Tensor] | None = None
@@ -109,7 +113,7 @@ class CudaOps(OpsBackend):
         value = _rows_vectorisable(value.to(key_cache.dtype))
         slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.to(torch.int64)
         name = catalog.write_kv_kernel(dtype_name)
-        cuda_module.launch(
+        self.runtime.launch(
             catalog.CACHE_WRITE,
             (name,),
             name,
@@ -185,7 +189,7 @@ class CudaOps(OpsBackend):
             )
             partial_sum = torch.empty_like(partial_max)
         block_tables = _int32(metadata.block_tables)
-        cuda_module.launch(
+        self.runtime.launch(
             catalog.PAGED_ATTENTION,
             names,
             names[0],
@@ -214,7 +218,7 @@ class CudaOps(OpsBackend):
             ),
         )
         if plan.is_split:
-            cuda_module.launch(
+            self.runtime.launch(
                 catalog.PAGED_ATTENTION,
                 names,
                 names[1],
@@ -248,11 +252,11 @@ class CudaOps(OpsBackend):
             metadata.context_lens_cpu,
             group,
             num_kv_heads,
-            cuda_module.num_sms(device),
+            self.runtime.num_sms(device),
             catalog.ATTENTION_MAX_ROWS,
         )
         items = torch.tensor(plan.work_items, dtype=torch.int32).reshape(-1, 3)
-        work_items = items.pin_memory().to(device, non_blocking=True)
+        work_items = self.runtime.upload(items, device)
         self._plan_key, self._plan = (metadata, group, num_kv_heads), (plan, work_items)
         return self._plan
 
@@ -303,7 +307,7 @@ class CudaOps(OpsBackend):
         lora_a = lora_a.contiguous()
         chunk = catalog.sgmv_chunk_elements(dtype_name)
         name = catalog.sgmv_shrink_kernel(dtype_name)
-        cuda_module.launch(
+        self.runtime.launch(
             catalog.SGMV,
             (name,),
             name,
@@ -347,7 +351,7 @@ class CudaOps(OpsBackend):
         if max_len == 0 or v.shape[0] == 0:
             return
         name = catalog.sgmv_expand_kernel(dtype_name)
-        cuda_module.launch(
+        self.runtime.launch(
             catalog.SGMV,
             (name,),
             name,

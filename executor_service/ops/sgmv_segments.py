@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ class SgmvSegments:
         `slot_ids`, begins at 0 or more and never decreases."""
         if len(starts) != len(slot_ids) + 1:
             raise ValueError(f"need len(starts) == len(slot_ids) + 1, got {len(starts)} and {len(slot_ids)}")
-        if starts[0] < 0 or any(b < a for a, b in zip(starts, starts[1:], strict=False)):
+        if starts[0] < 0 or any(b < a for a, b in itertools.pairwise(starts)):
             raise ValueError(f"segment starts must be >= 0 and non-decreasing, got {list(starts)}")
         return cls(
             starts=torch.tensor(list(starts), dtype=torch.int32, device=device),

@@ -1,4 +1,4 @@
-"""The CUDA K/V write, block copy and block swap against the torch reference, bit for bit (GPU only)."""
+"""The CUDA K/V write, block copy and block swap against the torch reference, bit for bit."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("num_kv_heads", "head_dim", "block_size"), [(2, 16, 8), (8, 128, 16), (1, 64, 32)])
-def test_write_kv_writes_exactly_the_given_slots(cuda_ops, device, dtype, num_kv_heads, head_dim, block_size):
+def test_write_kv_writes_exactly_the_given_slots(kernel_target, dtype, num_kv_heads, head_dim, block_size):
+    device = kernel_target.device
     generator = torch.Generator().manual_seed(head_dim)
     num_blocks, num_tokens = 9, 37
     slots = torch.randperm(num_blocks * block_size, generator=generator)[:num_tokens].to(device)
@@ -41,8 +42,8 @@ def test_write_kv_writes_exactly_the_given_slots(cuda_ops, device, dtype, num_kv
     value = fused[:, 2 * num_kv_heads * head_dim :].view(num_tokens, num_kv_heads, head_dim)
     caches = [nan_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device) for _ in range(4)]
     TorchOps().write_kv(key, value, caches[0], caches[1], slots)
-    cuda_ops.write_kv(key, value, caches[2], caches[3], slots)
-    torch.cuda.synchronize(device)
+    kernel_target.ops.write_kv(key, value, caches[2], caches[3], slots)
+    kernel_target.synchronize()
     assert_same_bits(caches[2], caches[0])
     assert_same_bits(caches[3], caches[1])
 
@@ -53,36 +54,40 @@ def test_write_kv_writes_exactly_the_given_slots(cuda_ops, device, dtype, num_kv
     [([3, 5, 1], [7, 0, 2]), ([3, 5, 1], [7, 3, 0])],
     ids=["disjoint", "chained_reads_before_writes"],
 )
-def test_copy_blocks_matches_the_reference_across_layers(cuda_ops, device, dtype, src, dst):
+def test_copy_blocks_matches_the_reference_across_layers(kernel_target, dtype, src, dst):
+    device = kernel_target.device
     generator = torch.Generator().manual_seed(len(src))
     originals = [torch.randn(8, 16, 2, 64, generator=generator).to(dtype).to(device) for _ in range(6)]
     expected = [cache.clone() for cache in originals]
     actual = [cache.clone() for cache in originals]
     TorchOps().copy_blocks(expected, src, dst)
-    cuda_ops.copy_blocks(actual, src, dst)
-    torch.cuda.synchronize(device)
+    kernel_target.ops.copy_blocks(actual, src, dst)
+    kernel_target.synchronize()
     for got, want in zip(actual, expected, strict=True):
         assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_swap_out_and_in_through_pinned_host_memory(cuda_ops, device, dtype):
+def test_swap_out_and_in_through_pinned_host_memory(kernel_target, dtype):
+    device = kernel_target.device
     generator = torch.Generator().manual_seed(9)
     device_caches = [torch.randn(12, 16, 4, 128, generator=generator).to(dtype).to(device) for _ in range(4)]
-    host_caches = [torch.full((10, 16, 4, 128), float("nan"), dtype=dtype).pin_memory() for _ in range(4)]
+    host_caches = [
+        kernel_target.host_buffer(torch.full((10, 16, 4, 128), float("nan"), dtype=dtype)) for _ in range(4)
+    ]
     expected_host = [cache.clone() for cache in host_caches]
     TorchOps().swap_blocks(device_caches, expected_host, [11, 2, 5], [0, 9, 4])
-    cuda_ops.swap_blocks(device_caches, host_caches, [11, 2, 5], [0, 9, 4])
+    kernel_target.ops.swap_blocks(device_caches, host_caches, [11, 2, 5], [0, 9, 4])
     for got, want in zip(host_caches, expected_host, strict=True):
         assert_same_bits(got, want)
     restored = [torch.zeros_like(cache) for cache in device_caches]
-    cuda_ops.swap_blocks(host_caches, restored, [0, 9, 4], [1, 2, 3])
+    kernel_target.ops.swap_blocks(host_caches, restored, [0, 9, 4], [1, 2, 3])
     for got, original in zip(restored, device_caches, strict=True):
         assert torch.equal(got[[1, 2, 3]], original[[11, 2, 5]])
         assert torch.equal(got[[0, 4, 5]], torch.zeros_like(got[[0, 4, 5]]))
 
 
-def test_block_ids_outside_the_pool_are_rejected(cuda_ops, device):
-    caches = [torch.zeros(4, 16, 2, 64, device=device)]
+def test_block_ids_outside_the_pool_are_rejected(kernel_target):
+    caches = [torch.zeros(4, 16, 2, 64, device=kernel_target.device)]
     with pytest.raises(ValueError, match="destination block ids"):
-        cuda_ops.copy_blocks(caches, [0], [4])
+        kernel_target.ops.copy_blocks(caches, [0], [4])

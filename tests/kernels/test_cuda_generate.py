@@ -1,4 +1,4 @@
-"""Greedy generation on the GPU with the CUDA kernels equals transformers on the same fp32 weights (GPU only).
+"""Greedy generation with the CUDA kernels equals transformers on the same fp32 weights.
 
 Drives the executor in-process: a small test scheduler hands out shuffled blocks, prefills one prompt
 in chunks (so a chunk attends over a cached prefix) while the others decode beside it.
@@ -110,13 +110,14 @@ def generate_with_transformers(
 
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 @pytest.mark.parametrize("ops_backend", ["cuda", "torch"])
-def test_greedy_generation_on_gpu_equals_transformers(tmp_path, device, model_name, ops_backend):
+def test_greedy_generation_equals_transformers(tmp_path, kernel_target, model_name, ops_backend):
+    device = kernel_target.device
     model_dir = str(create_tiny_model(tmp_path / "model", seed=3, config=MODELS[model_name]))
     block_size = 16
     executor = Executor.load(
         ExecutorConfig(
             model_dir=model_dir,
-            device="cuda",
+            device=device.type,
             dtype="float32",
             ops_backend=ops_backend,
             block_size=block_size,
@@ -124,7 +125,8 @@ def test_greedy_generation_on_gpu_equals_transformers(tmp_path, device, model_na
             swap_space_gib=0.01,
             max_num_batched_tokens=512,
             max_num_seqs=8,
-        )
+        ),
+        ops=kernel_target.ops if ops_backend == "cuda" else None,
     )
     assert executor.info.ops_backend == ops_backend
     generator = torch.Generator().manual_seed(5)
