@@ -69,6 +69,8 @@ test-emulated: install
 # the checkout; `make gpu-check` (there) runs the GPU suite and the kernel benchmark into RESULTS_DIR.
 # See the Kernels section of benchmarks/README.md for the exact device command.
 GPU_BUNDLE := .gpu-bundle
+# The GPU image's python3 (3.12.3 as last seen there).
+GPU_PYTHON_VERSION ?= 3.12
 RESULTS_DIR ?= benchmarks/results
 
 .PHONY: gpu-bundle gpu-check
@@ -77,7 +79,7 @@ gpu-bundle: install
 	rm -rf $(GPU_BUNDLE)
 	mkdir -p $(GPU_BUNDLE)/wheels
 	cp -r shared/pb $(GPU_BUNDLE)/pb
-	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-d $(GPU_BUNDLE)/wheels $$($(PIP) list --format=freeze \
 		| grep -iE '^(structlog|protobuf|grpcio|grpcio-health-checking|grpcio-reflection)==')
