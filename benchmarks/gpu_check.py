@@ -7,7 +7,9 @@ no grpcio-tools, no structlog) with `.gpu-bundle/` carried beside it, as `make g
 on the CPU machine: generated protobuf modules (`pb/`) and wheels (`wheels/`). The wheels are
 installed with `--no-deps --target` into a scratch folder that is put first on PYTHONPATH for the
 child processes. Writes `gpu-tests.log`, `gpu-tests.xml`, `kernels.log`, `kernels.md`, `kernels.json`
-and `summary.md` into the results folder; exits non-zero when a GPU test fails or the benchmark breaks.
+and `summary.md` into the results folder; exits non-zero when a GPU test fails or the benchmark breaks,
+and at once when torch sees no CUDA device (unless `--rehearse`, which checks the bundle, the imports and
+the test collection on a CPU machine).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / ".gpu-bundle"
@@ -78,6 +82,11 @@ def run_logged(command: list[str], log_path: Path, env: dict[str, str], timeout_
             return 124
 
 
+def cuda_device_name() -> str | None:
+    """The name of the CUDA device torch sees, or None."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 def pytest_summary(log_text: str) -> str:
     lines = [
         line.strip("= ").strip()
@@ -92,9 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--tests-timeout", type=int, default=360, help="seconds for the GPU suite")
     parser.add_argument("--benchmark-timeout", type=int, default=180, help="seconds for the kernel benchmark")
+    parser.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="go through every step without a CUDA device (the GPU tests skip, the benchmark refuses)",
+    )
     args = parser.parse_args(argv)
     results = args.results_dir if args.results_dir.is_absolute() else REPO / args.results_dir
     results.mkdir(parents=True, exist_ok=True)
+    device_name = cuda_device_name()
+    if device_name is None and not args.rehearse:
+        print("gpu-check needs a CUDA device and torch sees none (--rehearse runs the steps anyway)")
+        return 2
     env = prepare_environment()
     tests_status = run_logged(
         [
@@ -129,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = "\n".join(
         [
             f"# GPU check {when:%Y-%m-%d %H:%M} UTC, commit {commit or 'unknown'}",
+            "",
+            f"Device: {device_name or 'none visible (rehearsal)'}",
             "",
             f"GPU suite (`pytest -m gpu tests/kernels`, exit {tests_status}): {tests_line}",
             f"Kernel benchmark (`python -m benchmarks.kernels`, exit {bench_status}):",
