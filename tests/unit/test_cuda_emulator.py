@@ -69,6 +69,15 @@ __global__ void convert_kernel(unsigned short* half_bits, unsigned short* bf16_b
   }
 }
 
+__global__ void copy_async_kernel(float* out, const float* in, int offset) {
+  __shared__ __align__(16) float staged[4];
+  pw_cp_async_16(staged, in + offset, true);
+  pw_cp_async_commit();
+  pw_cp_async_wait<0>();
+  __syncthreads();
+  out[threadIdx.x] = staged[threadIdx.x];
+}
+
 __global__ void scale_kernel(float* data, long long count, float factor) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i < count) {
@@ -82,6 +91,7 @@ NAMES = (
     "divergent_barrier_kernel",
     "half_warp_shuffle_kernel",
     "convert_kernel",
+    "copy_async_kernel",
     "scale_kernel",
 )
 
@@ -217,3 +227,15 @@ def test_arguments_must_match_the_kernel_parameters(library):
             "scale_kernel", (1, 1, 1), (2048, 1, 1), (address(data), np.int64(10), np.float32(1.0))
         )
     assert torch.equal(data, torch.full((10,), 3.0))
+
+
+def test_cp_async_copies_16_aligned_bytes_and_refuses_misaligned_ones(library):
+    source, out = torch.arange(8, dtype=torch.float32), torch.zeros(4)
+    library.launch("copy_async_kernel", (1, 1, 1), (4, 1, 1), (address(out), address(source), np.int32(4)))
+    assert torch.equal(out, torch.tensor([4.0, 5.0, 6.0, 7.0]))
+    with pytest.raises(
+        EmulatorError, match="cp.async of 16 bytes from/to an address that is not 16-byte aligned"
+    ):
+        library.launch(
+            "copy_async_kernel", (1, 1, 1), (4, 1, 1), (address(out), address(source), np.int32(1))
+        )

@@ -139,8 +139,17 @@ inline void make_context(Context& context, char* stack, size_t stack_bytes, void
 }
 #endif
 
+// AddressSanitizer (`-fsanitize=address`, see host_library.py) must hear of every stack switch.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define PW_EMU_ASAN 1
+#else
+#define PW_EMU_ASAN 0
+#endif
+
 struct Fiber {
   Context context;
+  char* stack = nullptr;
   uint3 index;
   bool is_done = false;
   const Barrier* waiting_on = nullptr;
@@ -157,6 +166,8 @@ struct Cta {
   std::vector<Barrier> warp_barriers;
   std::vector<unsigned long long> shuffle_slots;
   Context scheduler;
+  const void* scheduler_stack_bottom = nullptr;
+  size_t scheduler_stack_bytes = 0;
   int current = 0;
   const std::function<void()>* body = nullptr;
   std::string error;
@@ -172,6 +183,31 @@ inline int linear_thread_id() {
   return (int)(t.x + cta.block_dim.x * (t.y + cta.block_dim.y * t.z));
 }
 
+// Scheduler -> fiber; returns when the fiber waits at a barrier or ends.
+inline void resume_fiber(Cta& cta, Fiber& fiber) {
+#if PW_EMU_ASAN
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&fake_stack, fiber.stack, kFiberStackBytes);
+#endif
+  switch_context(cta.scheduler, fiber.context);
+#if PW_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+}
+
+// Fiber -> scheduler; `is_final` when the fiber never runs again.
+inline void yield_to_scheduler(Cta& cta, Fiber& self, bool is_final) {
+#if PW_EMU_ASAN
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(is_final ? nullptr : &fake_stack, cta.scheduler_stack_bottom,
+                                 cta.scheduler_stack_bytes);
+#endif
+  switch_context(self.context, cta.scheduler);
+#if PW_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+}
+
 // Records the first error of the CTA and parks the fiber for good: the scheduler stops the launch.
 inline void fail(const std::string& message) {
   Cta& cta = *current_cta;
@@ -180,7 +216,7 @@ inline void fail(const std::string& message) {
   }
   Fiber& self = current_fiber();
   self.is_done = true;
-  switch_context(self.context, cta.scheduler);
+  yield_to_scheduler(cta, self, true);
 }
 
 inline void arrive_and_wait(Barrier& barrier) {
@@ -193,16 +229,19 @@ inline void arrive_and_wait(Barrier& barrier) {
   Fiber& self = current_fiber();
   self.waiting_on = &barrier;
   self.waiting_generation = barrier.generation;
-  switch_context(self.context, cta.scheduler);
+  yield_to_scheduler(cta, self, false);
 }
 
 // Runs the kernel as the current fiber, then hands control back for good (it must never return).
 inline void fiber_entry() {
   Cta& cta = *current_cta;
+#if PW_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &cta.scheduler_stack_bottom, &cta.scheduler_stack_bytes);
+#endif
   (*cta.body)();
   Fiber& self = current_fiber();
   self.is_done = true;
-  switch_context(self.context, cta.scheduler);
+  yield_to_scheduler(cta, self, true);
   abort();
 }
 
@@ -221,6 +260,7 @@ inline bool run_cta(Cta& cta, std::vector<char*>& stacks) {
     Fiber& fiber = cta.fibers[i];
     fiber.index = {(unsigned)(i % cta.block_dim.x), (unsigned)((i / cta.block_dim.x) % cta.block_dim.y),
                    (unsigned)(i / (cta.block_dim.x * cta.block_dim.y))};
+    fiber.stack = stacks[i];
     make_context(fiber.context, stacks[i], kFiberStackBytes, fiber_entry);
   }
   int live = n;
@@ -233,7 +273,7 @@ inline bool run_cta(Cta& cta, std::vector<char*>& stacks) {
       }
       fiber.waiting_on = nullptr;
       cta.current = i;
-      switch_context(cta.scheduler, fiber.context);
+      resume_fiber(cta, fiber);
       resumed = true;
       if (!cta.error.empty()) {
         return false;

@@ -25,6 +25,16 @@ EMULATOR_DIR = Path(__file__).resolve().parent
 BUILD_DIR = EMULATOR_DIR.parents[2] / "build" / "cuda_emulator"
 COMPILER = os.environ.get("CXX", "g++")
 FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-w", "-U_FORTIFY_SOURCE")
+# With PAGEWIRE_EMULATOR_ASAN=1 the kernels are built with AddressSanitizer, which then reports any read
+# or write outside a tensor (what a GPU reports as an illegal address). The Python process must run
+# with the sanitizer's runtime preloaded: see tests/kernels/test_sanitized.py.
+SANITIZE = os.environ.get("PAGEWIRE_EMULATOR_ASAN") == "1"
+SANITIZER_FLAGS = (
+    "-fsanitize=address,alignment",
+    "-fno-sanitize-recover=alignment",
+    "-fno-omit-frame-pointer",
+    "-g",
+)
 ERROR_BYTES = 512
 
 # numpy scalar kind -> the parameter codes of `pw_emu::signature` it may be passed for.
@@ -77,16 +87,18 @@ def _program(kernel_source: str, name_expressions: tuple[str, ...]) -> str:
 
 def _build(program: str) -> Path:
     emulator_header = (EMULATOR_DIR / "cuda_host.h").read_text(encoding="utf-8")
-    key = hashlib.sha256("\0".join([program, emulator_header, COMPILER, *FLAGS]).encode()).hexdigest()[:24]
+    flags = FLAGS + SANITIZER_FLAGS if SANITIZE else FLAGS
+    key = hashlib.sha256("\0".join([program, emulator_header, COMPILER, *flags]).encode()).hexdigest()[:24]
     library = BUILD_DIR / f"kernels-{key}.so"
     if library.is_file():
         return library
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    # The source stays beside the library, so that sanitizer reports point at lines one can read.
+    source = library.with_suffix(".cpp")
+    source.write_text(program, encoding="utf-8")
     with tempfile.TemporaryDirectory(dir=BUILD_DIR) as scratch:
-        source = Path(scratch) / "kernels.cpp"
-        source.write_text(program, encoding="utf-8")
         built = Path(scratch) / "kernels.so"
-        command = [COMPILER, *FLAGS, f"-I{EMULATOR_DIR}", str(source), "-o", str(built)]
+        command = [COMPILER, *flags, f"-I{EMULATOR_DIR}", str(source), "-o", str(built)]
         completed = subprocess.run(command, capture_output=True, text=True, check=False)
         if completed.returncode != 0:
             raise EmulatorError(f"host build of the kernels failed:\n{completed.stderr[-6000:]}")

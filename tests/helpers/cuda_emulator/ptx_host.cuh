@@ -1,5 +1,6 @@
 // Host C++ for kernels/ptx.cuh: the same conversions and copies, without inline PTX.
-// fp16 and bf16 round to nearest even like cvt.rn; cp.async becomes a synchronous copy.
+// fp16 and bf16 round to nearest even like cvt.rn; cp.async becomes a synchronous copy that checks
+// the 16-byte alignment the instruction requires.
 #pragma once
 
 __device__ __forceinline__ float pw_half_bits_to_float(unsigned int bits) {
@@ -43,6 +44,9 @@ __device__ __forceinline__ unsigned int pw_float_to_bf16_bits(float value) {
 }
 
 __device__ __forceinline__ void pw_cp_async_16(void* shared_dst, const void* global_src, bool valid) {
+  if ((uintptr_t)shared_dst % 16 != 0 || (valid && (uintptr_t)global_src % 16 != 0)) {
+    pw_emu::fail("cp.async of 16 bytes from/to an address that is not 16-byte aligned");
+  }
   if (valid) {
     memcpy(shared_dst, global_src, 16);
   } else {
