@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import structlog
 
+from scheduler_service.block_pool import BlockPool
 from scheduler_service.engine_config import EngineConfig
 from scheduler_service.executor_client import ExecutorClient
 from scheduler_service.executor_description import ExecutorDescription
-from scheduler_service.block_pool import BlockPool
 from scheduler_service.kv_cache_manager import KVCacheManager
 from scheduler_service.request_state import RequestState
 from scheduler_service.scheduler import Scheduler, StepRejected
@@ -136,7 +136,7 @@ class Engine:
                     await self._step()
             except Unavailable as error:
                 self._on_executor_lost(str(error))
-            except Exception as error:  # noqa: BLE001 (the loop must outlive a bug; clients must not hang)
+            except Exception as error:  # the loop must outlive a bug; clients must not hang
                 log.exception("engine_step_failed")
                 self._fail_live_requests(PagewireError(f"internal error in the engine: {error!r}"))
                 await self.client.close()
@@ -186,12 +186,14 @@ class Engine:
         )
 
     def _prepare(self, description: ExecutorDescription) -> None:
-        """Keeps the scheduler for the same executor geometry (recomputing what ran), else rebuilds it."""
+        """Keeps the scheduler for the same executor geometry (recomputing what ran, costing preemptions
+        with the speeds the executor measured this time), else rebuilds it."""
         self._sent_at.clear()
         if self.scheduler is not None and self.description is not None and (
             self.description.same_cache_geometry(description)
         ):
             self.scheduler.reset_executor_state()
+            self.scheduler.use_transfer_speeds(description.transfer_speeds)
         else:
             self._fail_live_requests(Unavailable("the executor changed; resend the request"))
             self._build(description)

@@ -9,7 +9,7 @@ import structlog
 
 from scheduler_service.kv_cache_manager import KVCacheManager
 from scheduler_service.plan_encoder import PlanEncoder
-from scheduler_service.preemption_policy import PreemptionMode, PreemptionPolicy
+from scheduler_service.preemption_policy import PreemptionMode, PreemptionPolicy, TransferSpeeds
 from scheduler_service.scheduler_config import SchedulerConfig
 from scheduler_service.scheduler_counters import SchedulerCounters
 from scheduler_service.sequence import Sequence, SequenceStatus
@@ -395,6 +395,11 @@ class Scheduler:
         self._forget_in_flight(seq.sequence_id)
         if self.plan_encoder.knows(seq.sequence_id):
             self._finished_ids_to_send.append(seq.sequence_id)
+
+    def use_transfer_speeds(self, speeds: TransferSpeeds) -> None:
+        """Later preemption choices use `speeds`: what a reconnected executor measured at its start-up,
+        which differs from before when it restarted on other hardware or under other load."""
+        self.preemption_policy.speeds = speeds
 
     def reset_executor_state(self) -> None:
         """The stream to the executor was replaced and the new one holds nothing: every running sequence
