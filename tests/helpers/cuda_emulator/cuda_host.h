@@ -69,6 +69,9 @@ struct Barrier {
   int expected = 0;
   int arrived = 0;
   unsigned long long generation = 0;
+  // Happens-before tokens of even and odd generations: a thread that passed generation g can run on to
+  // g + 1 before the others resume from g, but never past it.
+  char tokens[2] = {0, 0};
 };
 
 // A suspended fiber or the scheduler. On x86-64 a switch saves only the callee-saved registers (a few
@@ -147,9 +150,37 @@ inline void make_context(Context& context, char* stack, size_t stack_bytes, void
 #define PW_EMU_ASAN 0
 #endif
 
+// ThreadSanitizer (`-fsanitize=thread`) sees every CUDA thread as a fiber of its own, synchronised
+// only where CUDA synchronises: at barriers and warp shuffles (acquire/release on a token per barrier
+// generation). It then reports what compute-sanitizer's racecheck reports within a CTA: two threads
+// touching the same memory, one of them writing, with no barrier between. CTAs run one after the
+// other, each ordered after the previous one, so races between CTAs go unseen. The emulator's own
+// bookkeeping is not instrumented (PW_EMU_INTERNAL).
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#define PW_EMU_TSAN 1
+#define PW_EMU_INTERNAL __attribute__((no_sanitize("thread"), noinline))
+#else
+#define PW_EMU_TSAN 0
+#define PW_EMU_INTERNAL
+#endif
+
+inline void tsan_release(void* token) {
+#if PW_EMU_TSAN
+  __tsan_release(token);
+#endif
+}
+
+inline void tsan_acquire(void* token) {
+#if PW_EMU_TSAN
+  __tsan_acquire(token);
+#endif
+}
+
 struct Fiber {
   Context context;
   char* stack = nullptr;
+  void* tsan_fiber = nullptr;
   uint3 index;
   bool is_done = false;
   const Barrier* waiting_on = nullptr;
@@ -166,6 +197,9 @@ struct Cta {
   std::vector<Barrier> warp_barriers;
   std::vector<unsigned long long> shuffle_slots;
   Context scheduler;
+  void* tsan_scheduler = nullptr;
+  char start_token = 0;  // released by the scheduler before a CTA's threads start
+  char end_token = 0;    // released by each thread as it ends
   const void* scheduler_stack_bottom = nullptr;
   size_t scheduler_stack_bytes = 0;
   int current = 0;
@@ -175,16 +209,19 @@ struct Cta {
 
 inline thread_local Cta* current_cta = nullptr;
 
-inline Fiber& current_fiber() { return current_cta->fibers[current_cta->current]; }
+PW_EMU_INTERNAL inline Fiber& current_fiber() { return current_cta->fibers[current_cta->current]; }
 
-inline int linear_thread_id() {
+PW_EMU_INTERNAL inline int linear_thread_id() {
   const uint3& t = current_fiber().index;
   const Cta& cta = *current_cta;
   return (int)(t.x + cta.block_dim.x * (t.y + cta.block_dim.y * t.z));
 }
 
 // Scheduler -> fiber; returns when the fiber waits at a barrier or ends.
-inline void resume_fiber(Cta& cta, Fiber& fiber) {
+PW_EMU_INTERNAL inline void resume_fiber(Cta& cta, Fiber& fiber) {
+#if PW_EMU_TSAN
+  __tsan_switch_to_fiber(fiber.tsan_fiber, __tsan_switch_to_fiber_no_sync);
+#endif
 #if PW_EMU_ASAN
   void* fake_stack = nullptr;
   __sanitizer_start_switch_fiber(&fake_stack, fiber.stack, kFiberStackBytes);
@@ -196,7 +233,10 @@ inline void resume_fiber(Cta& cta, Fiber& fiber) {
 }
 
 // Fiber -> scheduler; `is_final` when the fiber never runs again.
-inline void yield_to_scheduler(Cta& cta, Fiber& self, bool is_final) {
+PW_EMU_INTERNAL inline void yield_to_scheduler(Cta& cta, Fiber& self, bool is_final) {
+#if PW_EMU_TSAN
+  __tsan_switch_to_fiber(cta.tsan_scheduler, __tsan_switch_to_fiber_no_sync);
+#endif
 #if PW_EMU_ASAN
   void* fake_stack = nullptr;
   __sanitizer_start_switch_fiber(is_final ? nullptr : &fake_stack, cta.scheduler_stack_bottom,
@@ -209,7 +249,7 @@ inline void yield_to_scheduler(Cta& cta, Fiber& self, bool is_final) {
 }
 
 // Records the first error of the CTA and parks the fiber for good: the scheduler stops the launch.
-inline void fail(const std::string& message) {
+PW_EMU_INTERNAL inline void fail(const std::string& message) {
   Cta& cta = *current_cta;
   if (cta.error.empty()) {
     cta.error = message;
@@ -219,26 +259,32 @@ inline void fail(const std::string& message) {
   yield_to_scheduler(cta, self, true);
 }
 
-inline void arrive_and_wait(Barrier& barrier) {
+PW_EMU_INTERNAL inline void arrive_and_wait(Barrier& barrier) {
   Cta& cta = *current_cta;
+  char* token = &barrier.tokens[barrier.generation & 1];
+  tsan_release(token);
   if (++barrier.arrived == barrier.expected) {
     barrier.arrived = 0;
     ++barrier.generation;
+    tsan_acquire(token);
     return;
   }
   Fiber& self = current_fiber();
   self.waiting_on = &barrier;
   self.waiting_generation = barrier.generation;
   yield_to_scheduler(cta, self, false);
+  tsan_acquire(token);
 }
 
 // Runs the kernel as the current fiber, then hands control back for good (it must never return).
-inline void fiber_entry() {
+PW_EMU_INTERNAL inline void fiber_entry() {
   Cta& cta = *current_cta;
 #if PW_EMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &cta.scheduler_stack_bottom, &cta.scheduler_stack_bytes);
 #endif
+  tsan_acquire(&cta.start_token);
   (*cta.body)();
+  tsan_release(&cta.end_token);
   Fiber& self = current_fiber();
   self.is_done = true;
   yield_to_scheduler(cta, self, true);
@@ -246,7 +292,9 @@ inline void fiber_entry() {
 }
 
 // Runs one CTA to completion; returns false (with cta.error set) when it cannot complete.
-inline bool run_cta(Cta& cta, std::vector<char*>& stacks) {
+PW_EMU_INTERNAL inline bool run_cta(Cta& cta, std::vector<char*>& stacks) {
+  // After the previous CTA's threads: stacks, shared memory and the bookkeeping are reused in order.
+  tsan_acquire(&cta.end_token);
   const int n = cta.num_threads;
   cta.fibers.assign(n, Fiber{});
   cta.cta_barrier = Barrier{n, 0, 0};
@@ -262,7 +310,24 @@ inline bool run_cta(Cta& cta, std::vector<char*>& stacks) {
                    (unsigned)(i / (cta.block_dim.x * cta.block_dim.y))};
     fiber.stack = stacks[i];
     make_context(fiber.context, stacks[i], kFiberStackBytes, fiber_entry);
+#if PW_EMU_TSAN
+    fiber.tsan_fiber = __tsan_create_fiber(0);
+#endif
   }
+#if PW_EMU_TSAN
+  cta.tsan_scheduler = __tsan_get_current_fiber();
+#endif
+  tsan_release(&cta.start_token);
+  struct FiberReleaser {
+    Cta& cta;
+    ~FiberReleaser() {
+#if PW_EMU_TSAN
+      for (Fiber& fiber : cta.fibers) {
+        __tsan_destroy_fiber(fiber.tsan_fiber);
+      }
+#endif
+    }
+  } releaser{cta};
   int live = n;
   while (live > 0) {
     bool resumed = false;
@@ -303,7 +368,8 @@ inline bool run_cta(Cta& cta, std::vector<char*>& stacks) {
 }
 
 // Runs body() as every thread of every CTA of the grid; returns an error message or "".
-inline std::string run_grid(const unsigned* grid, const unsigned* block, const std::function<void()>& body) {
+PW_EMU_INTERNAL inline std::string run_grid(const unsigned* grid, const unsigned* block,
+                                            const std::function<void()>& body) {
   const long long num_threads = (long long)block[0] * block[1] * block[2];
   if (num_threads <= 0 || num_threads > 1024) {
     return "a CTA must have 1..1024 threads, got " + std::to_string(num_threads);
@@ -333,6 +399,7 @@ inline std::string run_grid(const unsigned* grid, const unsigned* block, const s
       }
     }
   }
+  tsan_acquire(&cta.end_token);
   current_cta = previous;
   for (char* stack : stacks) {
     free(stack);
@@ -379,7 +446,7 @@ int signature(void (*)(Args...), char* out, int out_bytes) {
 inline void __syncthreads() { pw_emu::arrive_and_wait(pw_emu::current_cta->cta_barrier); }
 
 template <typename T>
-T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = pw_emu::kWarpSize) {
+PW_EMU_INTERNAL T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = pw_emu::kWarpSize) {
   static_assert(sizeof(T) <= sizeof(unsigned long long), "shuffles move at most 8 bytes");
   pw_emu::Cta& cta = *pw_emu::current_cta;
   const int tid = pw_emu::linear_thread_id();
@@ -403,8 +470,12 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = pw_emu::kWa
   return result;
 }
 
+// A compare-and-swap loop, so that ThreadSanitizer sees an atomic read-modify-write.
 inline float atomicAdd(float* address, float value) {
-  const float old = *address;
-  *address = old + value;
-  return old;
+  unsigned int* bits = reinterpret_cast<unsigned int*>(address);
+  unsigned int expected = __atomic_load_n(bits, __ATOMIC_RELAXED);
+  while (!__atomic_compare_exchange_n(bits, &expected, __float_as_uint(__uint_as_float(expected) + value), false,
+                                      __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+  return __uint_as_float(expected);
 }

@@ -25,16 +25,22 @@ EMULATOR_DIR = Path(__file__).resolve().parent
 BUILD_DIR = EMULATOR_DIR.parents[2] / "build" / "cuda_emulator"
 COMPILER = os.environ.get("CXX", "g++")
 FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-w", "-U_FORTIFY_SOURCE")
-# With PAGEWIRE_EMULATOR_ASAN=1 the kernels are built with AddressSanitizer, which then reports any read
-# or write outside a tensor (what a GPU reports as an illegal address). The Python process must run
-# with the sanitizer's runtime preloaded: see tests/kernels/test_sanitized.py.
-SANITIZE = os.environ.get("PAGEWIRE_EMULATOR_ASAN") == "1"
-SANITIZER_FLAGS = (
-    "-fsanitize=address,alignment",
-    "-fno-sanitize-recover=alignment",
-    "-fno-omit-frame-pointer",
-    "-g",
-)
+# PAGEWIRE_EMULATOR_SANITIZER builds the kernels with a sanitizer; the Python process must run with its
+# runtime preloaded (see tests/kernels/test_sanitized.py). "address": AddressSanitizer and alignment
+# checks report any access outside a tensor and any misaligned vector access (what a GPU reports as an
+# illegal or misaligned address). "thread": ThreadSanitizer reports races between the threads of a CTA
+# (see cuda_host.h).
+SANITIZER = os.environ.get("PAGEWIRE_EMULATOR_SANITIZER", "")
+SANITIZER_FLAGS: dict[str, tuple[str, ...]] = {
+    "": (),
+    "address": (
+        "-fsanitize=address,alignment",
+        "-fno-sanitize-recover=alignment",
+        "-fno-omit-frame-pointer",
+        "-g",
+    ),
+    "thread": ("-fsanitize=thread", "-g"),
+}
 ERROR_BYTES = 512
 
 # numpy scalar kind -> the parameter codes of `pw_emu::signature` it may be passed for.
@@ -87,7 +93,9 @@ def _program(kernel_source: str, name_expressions: tuple[str, ...]) -> str:
 
 def _build(program: str) -> Path:
     emulator_header = (EMULATOR_DIR / "cuda_host.h").read_text(encoding="utf-8")
-    flags = FLAGS + SANITIZER_FLAGS if SANITIZE else FLAGS
+    if SANITIZER not in SANITIZER_FLAGS:
+        raise EmulatorError(f"PAGEWIRE_EMULATOR_SANITIZER={SANITIZER!r}: use address or thread")
+    flags = FLAGS + SANITIZER_FLAGS[SANITIZER]
     key = hashlib.sha256("\0".join([program, emulator_header, COMPILER, *flags]).encode()).hexdigest()[:24]
     library = BUILD_DIR / f"kernels-{key}.so"
     if library.is_file():
