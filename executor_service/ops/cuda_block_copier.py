@@ -12,7 +12,7 @@ import torch
 
 from executor_service.ops import cuda_kernels as catalog
 from executor_service.ops.base import check_block_pairs
-from executor_service.ops.kernel_runtime import KernelRuntime, pointer
+from executor_service.ops.kernel_runtime import KernelLaunch, KernelRuntime, pointer
 
 
 def _block_bytes(cache: torch.Tensor) -> int:
@@ -138,17 +138,19 @@ class CudaBlockCopier:
         name = catalog.copy_blocks_kernel(word_bytes)
         ids = self.runtime.upload(torch.tensor([src_block_ids, dst_block_ids], dtype=torch.int64), device)
         self.runtime.launch(
-            catalog.BLOCK_COPY,
-            (name,),
-            name,
-            device,
-            (len(src_block_ids), len(src_bases), 1),
-            (catalog.BLOCK_COPY_THREADS, 1, 1),
-            (
-                pointer(self._table(src_bases, device)),
-                pointer(self._table(dst_bases, device)),
-                pointer(ids[0]),
-                pointer(ids[1]),
-                np.int32(block_bytes // word_bytes),
-            ),
+            KernelLaunch(
+                catalog.BLOCK_COPY,
+                (name,),
+                name,
+                device,
+                (len(src_block_ids), len(src_bases), 1),
+                (catalog.BLOCK_COPY_THREADS, 1, 1),
+                (
+                    pointer(self._table(src_bases, device)),
+                    pointer(self._table(dst_bases, device)),
+                    pointer(ids[0]),
+                    pointer(ids[1]),
+                    np.int32(block_bytes // word_bytes),
+                ),
+            )
         )

@@ -16,7 +16,7 @@ from executor_service.ops import torch_sgmv
 from executor_service.ops.base import OpsBackend
 from executor_service.ops.cuda_block_copier import CudaBlockCopier
 from executor_service.ops.cuda_launch_plan import AttentionLaunchPlan, plan_attention_launch
-from executor_service.ops.kernel_runtime import KernelRuntime, pointer
+from executor_service.ops.kernel_runtime import KernelLaunch, KernelRuntime, pointer
 from executor_service.ops.sgmv_segments import SgmvSegments
 from executor_service.ops.torch_ops import TorchOps
 
@@ -114,22 +114,24 @@ class CudaOps(OpsBackend):
         slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.to(torch.int64)
         name = catalog.write_kv_kernel(dtype_name)
         self.runtime.launch(
-            catalog.CACHE_WRITE,
-            (name,),
-            name,
-            key_cache.device,
-            (key.shape[0], 2, 1),
-            (catalog.CACHE_WRITE_THREADS, 1, 1),
-            (
-                pointer(key),
-                pointer(value),
-                pointer(key_cache),
-                pointer(value_cache),
-                pointer(slots.contiguous()),
-                np.int64(key.stride(0)),
-                np.int64(value.stride(0)),
-                np.int32(row_bytes // 16),
-            ),
+            KernelLaunch(
+                catalog.CACHE_WRITE,
+                (name,),
+                name,
+                key_cache.device,
+                (key.shape[0], 2, 1),
+                (catalog.CACHE_WRITE_THREADS, 1, 1),
+                (
+                    pointer(key),
+                    pointer(value),
+                    pointer(key_cache),
+                    pointer(value_cache),
+                    pointer(slots.contiguous()),
+                    np.int64(key.stride(0)),
+                    np.int64(value.stride(0)),
+                    np.int32(row_bytes // 16),
+                ),
+            )
         )
 
     def paged_attention(
@@ -190,49 +192,53 @@ class CudaOps(OpsBackend):
             partial_sum = torch.empty_like(partial_max)
         block_tables = _int32(metadata.block_tables)
         self.runtime.launch(
-            catalog.PAGED_ATTENTION,
-            names,
-            names[0],
-            query.device,
-            (len(plan.work_items), num_kv_heads, plan.num_splits),
-            (catalog.ATTENTION_THREADS, 1, 1),
-            (
-                pointer(out),
-                pointer(partial_out),
-                pointer(partial_max),
-                pointer(partial_sum),
-                pointer(query),
-                pointer(key_cache),
-                pointer(value_cache),
-                pointer(block_tables),
-                pointer(_int32(metadata.query_start_loc)),
-                pointer(_int32(metadata.context_lens)),
-                pointer(work_items),
-                np.int64(query.stride(0)),
-                np.int32(num_heads),
-                np.int32(num_kv_heads),
-                np.int32(block_tables.stride(0)),
-                np.int32(num_tokens),
-                np.int32(min(plan.partition_tokens, 2**31 - 1)),
-                np.float32(scale * 1.4426950408889634),
-            ),
-        )
-        if plan.is_split:
-            self.runtime.launch(
+            KernelLaunch(
                 catalog.PAGED_ATTENTION,
                 names,
-                names[1],
+                names[0],
                 query.device,
-                (num_tokens * num_heads, 1, 1),
-                (head_dim, 1, 1),
+                (len(plan.work_items), num_kv_heads, plan.num_splits),
+                (catalog.ATTENTION_THREADS, 1, 1),
                 (
                     pointer(out),
                     pointer(partial_out),
                     pointer(partial_max),
                     pointer(partial_sum),
-                    np.int32(num_tokens * num_heads),
-                    np.int32(plan.num_splits),
+                    pointer(query),
+                    pointer(key_cache),
+                    pointer(value_cache),
+                    pointer(block_tables),
+                    pointer(_int32(metadata.query_start_loc)),
+                    pointer(_int32(metadata.context_lens)),
+                    pointer(work_items),
+                    np.int64(query.stride(0)),
+                    np.int32(num_heads),
+                    np.int32(num_kv_heads),
+                    np.int32(block_tables.stride(0)),
+                    np.int32(num_tokens),
+                    np.int32(min(plan.partition_tokens, 2**31 - 1)),
+                    np.float32(scale * 1.4426950408889634),
                 ),
+            )
+        )
+        if plan.is_split:
+            self.runtime.launch(
+                KernelLaunch(
+                    catalog.PAGED_ATTENTION,
+                    names,
+                    names[1],
+                    query.device,
+                    (num_tokens * num_heads, 1, 1),
+                    (head_dim, 1, 1),
+                    (
+                        pointer(out),
+                        pointer(partial_out),
+                        pointer(partial_max),
+                        pointer(partial_sum),
+                        np.int32(num_tokens * num_heads),
+                        np.int32(plan.num_splits),
+                    ),
+                )
             )
         return out
 
@@ -308,23 +314,25 @@ class CudaOps(OpsBackend):
         chunk = catalog.sgmv_chunk_elements(dtype_name)
         name = catalog.sgmv_shrink_kernel(dtype_name)
         self.runtime.launch(
-            catalog.SGMV,
-            (name,),
-            name,
-            x.device,
-            (segments.num_segments, -(-in_features // chunk), -(-max_len // catalog.SGMV_TOKENS_PER_CTA)),
-            (catalog.SGMV_THREADS, 1, 1),
-            (
-                pointer(out),
-                pointer(x),
-                pointer(lora_a),
-                pointer(_int32(segments.starts)),
-                pointer(_int32(segments.slot_ids)),
-                np.int64(x.stride(0)),
-                np.int32(in_features),
-                np.int32(rank),
-                np.float32(scale),
-            ),
+            KernelLaunch(
+                catalog.SGMV,
+                (name,),
+                name,
+                x.device,
+                (segments.num_segments, -(-in_features // chunk), -(-max_len // catalog.SGMV_TOKENS_PER_CTA)),
+                (catalog.SGMV_THREADS, 1, 1),
+                (
+                    pointer(out),
+                    pointer(x),
+                    pointer(lora_a),
+                    pointer(_int32(segments.starts)),
+                    pointer(_int32(segments.slot_ids)),
+                    np.int64(x.stride(0)),
+                    np.int32(in_features),
+                    np.int32(rank),
+                    np.float32(scale),
+                ),
+            )
         )
 
     def sgmv_expand(
@@ -352,24 +360,26 @@ class CudaOps(OpsBackend):
             return
         name = catalog.sgmv_expand_kernel(dtype_name)
         self.runtime.launch(
-            catalog.SGMV,
-            (name,),
-            name,
-            out.device,
-            (
-                segments.num_segments,
-                -(-out_features // catalog.SGMV_THREADS),
-                -(-max_len // catalog.SGMV_TOKENS_PER_CTA),
-            ),
-            (catalog.SGMV_THREADS, 1, 1),
-            (
-                pointer(out),
-                pointer(v.contiguous()),
-                pointer(lora_b.contiguous()),
-                pointer(_int32(segments.starts)),
-                pointer(_int32(segments.slot_ids)),
-                np.int64(out.stride(0)),
-                np.int32(out_features),
-                np.int32(rank),
-            ),
+            KernelLaunch(
+                catalog.SGMV,
+                (name,),
+                name,
+                out.device,
+                (
+                    segments.num_segments,
+                    -(-out_features // catalog.SGMV_THREADS),
+                    -(-max_len // catalog.SGMV_TOKENS_PER_CTA),
+                ),
+                (catalog.SGMV_THREADS, 1, 1),
+                (
+                    pointer(out),
+                    pointer(v.contiguous()),
+                    pointer(lora_b.contiguous()),
+                    pointer(_int32(segments.starts)),
+                    pointer(_int32(segments.slot_ids)),
+                    np.int64(out.stride(0)),
+                    np.int32(out_features),
+                    np.int32(rank),
+                ),
+            )
         )

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from executor_service.ops.cuda_kernels import COMPILE_OPTIONS, KernelFamily
+from executor_service.ops.kernel_runtime import KernelLaunch
 
 
 def import_cupy() -> ModuleType:
@@ -69,21 +70,12 @@ class CupyRuntime:
     def __init__(self) -> None:
         self.cupy = import_cupy()
 
-    def launch(
-        self,
-        family: KernelFamily,
-        name_expressions: tuple[str, ...],
-        name: str,
-        device: torch.device,
-        grid: tuple[int, int, int],
-        block: tuple[int, int, int],
-        args: tuple[Any, ...],
-    ) -> None:
-        index = device_index(device)
-        kernel = _kernel(family, name_expressions, name, index)
-        stream = _external_stream(torch.cuda.current_stream(device).cuda_stream, index)
+    def launch(self, launch: KernelLaunch) -> None:
+        index = device_index(launch.device)
+        kernel = _kernel(launch.family, launch.name_expressions, launch.name, index)
+        stream = _external_stream(torch.cuda.current_stream(launch.device).cuda_stream, index)
         with self.cupy.cuda.Device(index), stream:
-            kernel(grid, block, args)
+            kernel(launch.grid, launch.block, launch.args)
 
     def num_sms(self, device: torch.device) -> int:
         return _num_sms(device_index(device))

@@ -7,6 +7,7 @@ why the wrappers reach the device only through this interface.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -15,24 +16,29 @@ import torch
 from executor_service.ops.cuda_kernels import KernelFamily
 
 
+@dataclass(frozen=True, slots=True)
+class KernelLaunch:
+    """One launch: kernel `name`, compiled together with `name_expressions` of `family`, over `grid`
+    CTAs of `block` threads on `device`.
+
+    `args` follow the kernel's parameters one to one: `pointer(...)` (np.uint64) for pointers,
+    np.int32 / np.int64 / np.float32 for `int` / `long long` / `float`.
+    """
+
+    family: KernelFamily
+    name_expressions: tuple[str, ...]
+    name: str
+    device: torch.device
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    args: tuple[Any, ...]
+
+
 class KernelRuntime(Protocol):
     """Compiles and launches kernels from `kernels/`, and says which memory they can address."""
 
-    def launch(
-        self,
-        family: KernelFamily,
-        name_expressions: tuple[str, ...],
-        name: str,
-        device: torch.device,
-        grid: tuple[int, int, int],
-        block: tuple[int, int, int],
-        args: tuple[Any, ...],
-    ) -> None:
-        """Launches `name` (compiled together with `name_expressions`) in stream order on `device`.
-
-        `args` follow the kernel's parameters one to one: `pointer(...)` (np.uint64) for pointers,
-        np.int32 / np.int64 / np.float32 for `int` / `long long` / `float`.
-        """
+    def launch(self, launch: KernelLaunch) -> None:
+        """Runs `launch` in stream order on its device."""
         ...
 
     def num_sms(self, device: torch.device) -> int:

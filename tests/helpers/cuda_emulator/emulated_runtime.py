@@ -7,11 +7,9 @@ launch planner splits contexts (few SMs: rarely; an H100's 132: often).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from executor_service.ops.cuda_kernels import KernelFamily
+from executor_service.ops.kernel_runtime import KernelLaunch
 from tests.helpers.cuda_emulator.host_library import EmulatorError, host_library
 
 
@@ -22,19 +20,11 @@ class EmulatedRuntime:
         self.sms = num_sms
         self.num_launches = 0
 
-    def launch(
-        self,
-        family: KernelFamily,
-        name_expressions: tuple[str, ...],
-        name: str,
-        device: torch.device,
-        grid: tuple[int, int, int],
-        block: tuple[int, int, int],
-        args: tuple[Any, ...],
-    ) -> None:
-        if device.type != "cpu":
-            raise EmulatorError(f"the emulator runs kernels on CPU tensors, not on {device}")
-        host_library(family, name_expressions).launch(name, grid, block, args)
+    def launch(self, launch: KernelLaunch) -> None:
+        if launch.device.type != "cpu":
+            raise EmulatorError(f"the emulator runs kernels on CPU tensors, not on {launch.device}")
+        library = host_library(launch.family, launch.name_expressions)
+        library.launch(launch.name, launch.grid, launch.block, launch.args)
         self.num_launches += 1
 
     def num_sms(self, device: torch.device) -> int:
