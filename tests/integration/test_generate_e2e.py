@@ -16,7 +16,7 @@ from shared.pb.pagewire.v1 import generate_pb2_grpc as pb_grpc
 from tests.helpers.processes import running_server
 
 NUM_REQUESTS = 16
-NUM_NEW_TOKENS = 16
+NUM_NEW_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
