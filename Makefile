@@ -61,7 +61,7 @@ test-gpu: install
 	$(PY) -m pytest -q -m gpu tests/kernels
 
 # The whole kernel suite on the CPU through the kernel emulator, then make test's share of it again
-# under AddressSanitizer and a selection under ThreadSanitizer (about 20 minutes on 2 cores).
+# under AddressSanitizer and a selection under ThreadSanitizer (14-18 minutes on 2 cores).
 test-emulated: install
 	$(PY) -m pytest -q -k emulated tests/kernels
 

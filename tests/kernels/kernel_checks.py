@@ -22,6 +22,18 @@ class KernelTarget:
     ops: CudaOps
     num_sms: int
 
+    def num_kernel_launches(self) -> int | None:
+        """Kernels launched so far on the emulator; None on a GPU (CuPy does not count them)."""
+        return getattr(self.ops.runtime, "num_launches", None)
+
+    def assert_launched(self, since: int | None, expected: bool = True) -> None:
+        """That kernels were launched (or, `expected=False`, none was) after `since` was read."""
+        now = self.num_kernel_launches()
+        if since is not None and now is not None:
+            assert (now > since) == expected, (
+                f"{now - since} kernel launches, expected {'some' if expected else 'none'}"
+            )
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

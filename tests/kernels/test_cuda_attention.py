@@ -73,8 +73,10 @@ def run_attention(
             plan.num_splits * num_tokens * num_heads * 4
         ]
     target.poison_allocator(sizes)
+    launches = target.num_kernel_launches()
     output = target.ops.paged_attention(query, key_cache, value_cache, metadata, scale)
     target.synchronize()
+    target.assert_launched(launches, expected=head_dim in (16, 64, 128))
     return output, expected, plan
 
 

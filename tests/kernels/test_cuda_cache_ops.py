@@ -42,8 +42,10 @@ def test_write_kv_writes_exactly_the_given_slots(kernel_target, dtype, num_kv_he
     value = fused[:, 2 * num_kv_heads * head_dim :].view(num_tokens, num_kv_heads, head_dim)
     caches = [nan_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device) for _ in range(4)]
     TorchOps().write_kv(key, value, caches[0], caches[1], slots)
+    launches = kernel_target.num_kernel_launches()
     kernel_target.ops.write_kv(key, value, caches[2], caches[3], slots)
     kernel_target.synchronize()
+    kernel_target.assert_launched(launches)
     assert_same_bits(caches[2], caches[0])
     assert_same_bits(caches[3], caches[1])
 
@@ -61,8 +63,10 @@ def test_copy_blocks_matches_the_reference_across_layers(kernel_target, dtype, s
     expected = [cache.clone() for cache in originals]
     actual = [cache.clone() for cache in originals]
     TorchOps().copy_blocks(expected, src, dst)
+    launches = kernel_target.num_kernel_launches()
     kernel_target.ops.copy_blocks(actual, src, dst)
     kernel_target.synchronize()
+    kernel_target.assert_launched(launches)
     for got, want in zip(actual, expected, strict=True):
         assert torch.equal(got, want)
 
@@ -77,7 +81,9 @@ def test_swap_out_and_in_through_pinned_host_memory(kernel_target, dtype):
     ]
     expected_host = [cache.clone() for cache in host_caches]
     TorchOps().swap_blocks(device_caches, expected_host, [11, 2, 5], [0, 9, 4])
+    launches = kernel_target.num_kernel_launches()
     kernel_target.ops.swap_blocks(device_caches, host_caches, [11, 2, 5], [0, 9, 4])
+    kernel_target.assert_launched(launches)
     for got, want in zip(host_caches, expected_host, strict=True):
         assert_same_bits(got, want)
     restored = [torch.zeros_like(cache) for cache in device_caches]

@@ -133,4 +133,6 @@ def test_greedy_generation_equals_transformers(tmp_path, kernel_target, model_na
     vocab_size = executor.info.model_config.vocab_size
     prompts = [torch.randint(3, vocab_size, (n,), generator=generator).tolist() for n in PROMPT_LENS]
     expected = generate_with_transformers(model_dir, prompts, device)
+    launches = kernel_target.num_kernel_launches()
     assert generate_with_executor(executor, prompts, block_size) == expected
+    kernel_target.assert_launched(launches, expected=ops_backend == "cuda")

@@ -55,16 +55,20 @@ def test_shrink_then_expand_match_the_reference(
     TorchOps().sgmv_shrink(x, lora_a, expected_v, segments, 0.5)
     kernel_target.poison_allocator([num_tokens * rank * 4])
     v = torch.empty(num_tokens, rank, device=device)
+    launches = kernel_target.num_kernel_launches()
     kernel_target.ops.sgmv_shrink(x, lora_a, v, segments, 0.5)
     kernel_target.synchronize()
+    kernel_target.assert_launched(launches)
     assert relative_error(v, expected_v) <= 2e-5
 
     # Expand into the middle columns of a wider (fused) output; the others must not change.
     fused = torch.randn(num_tokens, out_features + 24, generator=generator).to(dtype).to(device)
     expected = fused.clone()
     TorchOps().sgmv_expand(expected_v, lora_b, expected[:, 8 : 8 + out_features], segments)
+    launches = kernel_target.num_kernel_launches()
     kernel_target.ops.sgmv_expand(expected_v, lora_b, fused[:, 8 : 8 + out_features], segments)
     kernel_target.synchronize()
+    kernel_target.assert_launched(launches)
     assert torch.equal(fused[:, :8], expected[:, :8]) and torch.equal(
         fused[:, 8 + out_features :], expected[:, 8 + out_features :]
     )
