@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared.child_process import stop_child
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GENERATION_SERVICE = "pagewire.v1.Generation"
@@ -59,13 +60,7 @@ def _running(
             time.sleep(0.2)
         yield
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_child(process, STOP_TIMEOUT_S)
 
 
 @contextlib.contextmanager

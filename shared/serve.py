@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import os
 import shlex
-import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
+
+from shared.child_process import stop_child
 
 if TYPE_CHECKING:
     from scheduler_service.engine_config import EngineConfig
@@ -47,10 +48,5 @@ def serve_both(args: argparse.Namespace, engine_config: EngineConfig) -> int:
     try:
         asyncio.run(serve(engine_config))
     finally:
-        if executor.poll() is None:
-            executor.send_signal(signal.SIGTERM)
-            try:
-                executor.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                executor.kill()
+        stop_child(executor)
     return 0

@@ -16,6 +16,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.child_process import stop_child
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -67,13 +69,7 @@ def running(args: list[str], address: str, service: str = "", timeout: float = 1
             wait_serving(address, process, service, timeout)
             yield process
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_child(process)
             if process.returncode not in (0, -signal.SIGTERM):
                 log_file.seek(0)
                 print(log_file.read()[-5000:], file=sys.stderr)

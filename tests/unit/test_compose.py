@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import yaml
 
 from executor_service.tiny_model import create_tiny_model
+from shared.child_process import stop_child
 from shared.cli import build_parser
 from tests.helpers.processes import free_port
 
@@ -328,13 +328,7 @@ def serving(
             time.sleep(0.3)
         yield
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_child(process)
 
 
 def test_entrypoint_creates_the_tiny_model_and_the_probes_track_health(
