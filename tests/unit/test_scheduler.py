@@ -22,6 +22,7 @@ from shared.step_plan import (
 )
 from tests.helpers import executor_mirror
 from tests.helpers.executor_mirror import GREEDY, ExecutorMirror, own_prompt, sampled_token, step
+from tests.helpers.random_aborts import maybe_abort_one
 
 
 def make_scheduler(**settings: int) -> Scheduler:
@@ -410,13 +411,7 @@ def run_to_completion(seed: int) -> None:
             max_tokens[sequence_id] = rng.randint(1, 32 - seq.num_prompt_tokens)
             scheduler.add_sequence(seq)
             ended[sequence_id] = seq
-        if scheduler.has_work and rng.random() < 0.03:
-            live = [seq.sequence_id for seq in (*scheduler.running, *scheduler.waiting)]
-            if live:
-                victim = rng.choice(live)
-                scheduler.abort_sequence(victim)
-                aborted.add(victim)
-                scheduler.check_integrity()
+        maybe_abort_one(scheduler, rng, aborted)
         plan = scheduler.schedule()
         scheduler.check_integrity()
         if plan is None:

@@ -21,6 +21,7 @@ from tests.helpers.executor_mirror import (
     sampled_token,
     step,
 )
+from tests.helpers.random_aborts import maybe_abort_one
 
 SHARED = (7, 7, 8, 8, 9, 9, 6, 6)
 # Swap of one 1 kB block: 1 ms out + 1 ms in; recompute: 1 ms per token.
@@ -327,13 +328,7 @@ def run_workload(
                 seq.max_num_tokens = len(prompt) + max_tokens[sequence_id]
             scheduler.add_sequence(seq)
             live[sequence_id] = seq
-        if scheduler.has_work and rng.random() < 0.03:
-            candidates = [seq.sequence_id for seq in (*scheduler.running, *scheduler.waiting)]
-            if candidates:
-                victim = rng.choice(candidates)
-                scheduler.abort_sequence(victim)
-                aborted.add(victim)
-                scheduler.check_integrity()
+        maybe_abort_one(scheduler, rng, aborted)
         while len(in_flight) < max_in_flight:
             plan = scheduler.schedule()
             scheduler.check_integrity()
