@@ -93,6 +93,6 @@ def running_scheduler(
     """A scheduler over `executor_address`; yields its address once connected to the executor."""
     port = free_port()
     address = f"127.0.0.1:{port}"
-    args = ["scheduler", "--executor", executor_address, "--port", str(port), *extra_args]
+    args = ["scheduler", "--executor", executor_address, "--port", str(port), "--http-port", "0", *extra_args]
     with _running(args, address, GENERATION_SERVICE, log_dir / f"scheduler-{port}.log", timeout_s):
         yield address

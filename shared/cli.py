@@ -109,6 +109,9 @@ def _add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
         "--max-plans-in-flight", type=int, default=2,
         help="plans sent ahead of their results (1: no overlap between scheduling and the forward)",
     )
+    p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API and /metrics (0: off)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (HTTP and gRPC)")
+    p.add_argument("--served-model-name", default=None, help="model name of the HTTP API (default: the checkpoint's)")
 
 
 def _add_scheduler_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -133,6 +136,9 @@ def _engine_config(args: argparse.Namespace, executor_address: str) -> EngineCon
         enable_prefix_caching=args.enable_prefix_caching,
         tokenizer_dir=args.tokenizer,
         max_plans_in_flight=args.max_plans_in_flight,
+        http_port=args.http_port,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
     )
 
 

@@ -90,7 +90,7 @@ def running_server(
     with running_executor(model_dir, *executor_args) as executor_address:
         port = free_port()
         address = f"127.0.0.1:{port}"
-        args = ["scheduler", "--executor", executor_address, "--port", str(port), *scheduler_args]
+        args = ["scheduler", "--executor", executor_address, "--port", str(port), "--http-port", "0", *scheduler_args]
         with running(args, address, service="pagewire.v1.Generation"):
             yield address
 
@@ -126,5 +126,5 @@ def running_scheduler(executor_address: str, *extra: str) -> Iterator[str]:
     """A scheduler process; yields its address once it is live (health ""), whether or not it is ready."""
     port = free_port()
     address = f"127.0.0.1:{port}"
-    with running(["scheduler", "--executor", executor_address, "--port", str(port), *extra], address):
+    with running(["scheduler", "--executor", executor_address, "--port", str(port), "--http-port", "0", *extra], address):
         yield address

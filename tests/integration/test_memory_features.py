@@ -95,7 +95,7 @@ def scheduler_on(executor_address: str, *extra: str) -> Iterator[pb_grpc.Generat
     port = free_port()
     address = f"127.0.0.1:{port}"
     # Warnings only: the scheduler's stderr is a pipe read at exit, and a full pipe would block it.
-    args = ["--log-level", "warning", "scheduler", "--executor", executor_address, "--port", str(port)]
+    args = ["--log-level", "warning", "scheduler", "--executor", executor_address, "--port", str(port), "--http-port", "0"]
     args.extend(extra)
     with running(args, address, service="pagewire.v1.Generation"), grpc.insecure_channel(address) as channel:
         yield pb_grpc.GenerationStub(channel)
