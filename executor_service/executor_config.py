@@ -1,51 +1,80 @@
-"""Start-up configuration of one executor, as given on the command line."""
+"""Start-up configuration of one executor: each field is also its `pagewire` flag (shared.setting)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from shared.setting import parse_bytes, setting
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPS_BACKENDS = ("auto", "torch", "cuda")
+BLOCK_SIZES = (8, 16, 32, 64, 128)
+DEFAULT_CPU_KV_CACHE_BYTES = 512 * 1024**2
 
 
 @dataclass(frozen=True, slots=True)
 class ExecutorConfig:
     """How to start an executor. Exactly one way of sizing the KV pool wins, in this order:
     `num_device_blocks_override`, `kv_cache_memory_bytes`, `gpu_memory_utilization` (CUDA) or the CPU
-    default of `DEFAULT_CPU_KV_CACHE_BYTES`.
+    default of `DEFAULT_CPU_KV_CACHE_BYTES`. Torch-free, so the CLI parser builds without torch.
     """
 
-    model_dir: str
-    host: str = "127.0.0.1"
-    port: int = 50061
-    device: str = "auto"
-    dtype: str = "auto"
-    block_size: int = 16
-    kv_cache_memory_bytes: int | None = None
-    gpu_memory_utilization: float = 0.9
-    num_device_blocks_override: int | None = None
-    swap_space_gib: float = 1.0
-    max_num_batched_tokens: int = 8192
-    max_num_seqs: int = 256
-    max_logprobs: int = 20
-    ops_backend: str = "auto"
-    seed: int = 0
-    num_threads: int | None = None
+    model_dir: str = setting(
+        help="Hugging Face checkpoint directory, a .gguf file or a directory holding one", flag="--model"
+    )
+    host: str = setting("127.0.0.1", help="address the internal Executor API listens on")
+    port: int = setting(50061, help="port of the internal Executor API")
+    device: str = setting("auto", help="auto (cuda when visible, else cpu), cpu or cuda[:N]")
+    dtype: str = setting("auto", choices=DTYPES, help="weights and KV cache dtype (auto: the checkpoint's)")
+    block_size: int = setting(16, help="tokens per KV block (8, 16, 32, 64 or 128)")
+    kv_cache_memory_bytes: int | None = setting(
+        None, flag="--kv-cache-memory", parse=parse_bytes, metavar="BYTES",
+        help="memory for the KV cache, e.g. 512MiB or 2GiB (wins over --gpu-memory-utilization)",
+        default_text=f"CPU: {DEFAULT_CPU_KV_CACHE_BYTES // 1024**2} MiB, CUDA: from --gpu-memory-utilization",
+    )
+    gpu_memory_utilization: float = setting(
+        0.9, help="CUDA: fraction of the device's memory for weights, activations and the KV cache"
+    )
+    num_device_blocks_override: int | None = setting(
+        None, flag="--num-gpu-blocks-override", help="exact number of KV blocks (wins over the memory flags)",
+        default_text="sized from memory",
+    )
+    swap_space_gib: float = setting(1.0, flag="--swap-space",
+        help="GiB of host memory for swapped-out blocks")
+    max_num_batched_tokens: int = setting(8192, help="most tokens the executor accepts in one step")
+    max_num_seqs: int = setting(256, help="most sequences the executor accepts in one step")
+    max_logprobs: int = setting(20, help="most logprobs a request may ask for per token")
+    ops_backend: str = setting(
+        "auto", flag="--attention-backend", choices=OPS_BACKENDS,
+        help="attention and cache kernels: torch (reference), cuda (CuPy kernels), auto (cuda on CUDA)",
+    )
+    seed: int | None = setting(
+        None, help="seeds the sampler's draws for requests without a seed of their own, so a restarted "
+        "executor given the same requests samples the same tokens", default_text="random per start",
+    )
+    num_threads: int | None = setting(None, help="torch CPU threads", default_text="torch's choice")
 
     def __post_init__(self) -> None:
-        if self.block_size not in (8, 16, 32, 64, 128):
+        if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"--block-size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.ops_backend not in OPS_BACKENDS:
+            raise ValueError(f"--attention-backend must be auto, torch or cuda, got {self.ops_backend!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(f"--kv-cache-memory must be positive, got {self.kv_cache_memory_bytes}")
         if self.num_device_blocks_override is not None and self.num_device_blocks_override <= 0:
-            raise ValueError(f"--num-gpu-blocks-override must be positive, got {self.num_device_blocks_override}")
+            raise ValueError(
+                f"--num-gpu-blocks-override must be positive, got {self.num_device_blocks_override}"
+            )
         if self.swap_space_gib < 0:
             raise ValueError(f"--swap-space must be >= 0 GiB, got {self.swap_space_gib}")
         if self.max_num_batched_tokens <= 0 or self.max_num_seqs <= 0:
             raise ValueError("--max-num-batched-tokens and --max-num-seqs must be positive")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"--num-threads must be at least 1, got {self.num_threads}")
 
-
-DEFAULT_CPU_KV_CACHE_BYTES = 512 * 1024**2

@@ -79,11 +79,16 @@ class Sampler:
     that support, so the accepted draw is distributed as the renormalised nucleus.
     """
 
-    def __init__(self, vocab_size: int, device: torch.device, max_logprobs: int = 20) -> None:
+    def __init__(
+        self, vocab_size: int, device: torch.device, max_logprobs: int = 20, seed: int | None = None
+    ) -> None:
+        """`seed` seeds the generator of unseeded rows (None: a random seed per sampler)."""
         self.vocab_size = vocab_size
         self.device = device
         self.max_logprobs = max_logprobs
-        self._generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+        self._generator = torch.Generator(device=device).manual_seed(
+            secrets.randbits(63) if seed is None else seed
+        )
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """Samples `logits` ([len(rows), >= vocab_size], on `device`) without modifying it.

@@ -55,6 +55,15 @@ async def serve(config: ExecutorConfig, shutdown_grace_seconds: float = 1.0) -> 
     load_task = asyncio.ensure_future(asyncio.to_thread(Executor.load, config))
     stop_task = asyncio.ensure_future(stop.wait())
     await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    load_error = load_task.exception() if load_task.done() else None
+    if load_error is not None:
+        # Shut the server down before the loop closes (no "Event loop is closed" at exit), then say why.
+        log.error("executor_load_failed", model=config.model_dir,
+            error=f"{type(load_error).__name__}: {load_error}")
+        stop_task.cancel()
+        await server.stop(0)
+        servicer.close()
+        raise ValueError(f"cannot load the model {config.model_dir}: {load_error}") from load_error
     if load_task.done():
         servicer.attach(load_task.result())
         for name in ("", SERVICE_NAME):

@@ -12,6 +12,7 @@ import structlog
 
 from scheduler_service.block_pool import BlockPool
 from scheduler_service.engine_config import EngineConfig
+from scheduler_service.engine_observer import EngineObserver, StepRecord
 from scheduler_service.executor_client import ExecutorClient
 from scheduler_service.executor_description import ExecutorDescription
 from scheduler_service.kv_cache_manager import KVCacheManager
@@ -23,7 +24,7 @@ from scheduler_service.step_stats import StepStats
 from scheduler_service.tokenizer import Tokenizer
 from shared.errors import PagewireError, ResourceExhausted, Unavailable
 from shared.sampling_params import SamplingParams
-from shared.step_plan import SequenceId
+from shared.step_plan import SequenceId, StepPlan
 
 log = structlog.get_logger(__name__)
 
@@ -42,8 +43,14 @@ class Engine:
     gap; otherwise live requests fail with UNAVAILABLE.
     """
 
-    def __init__(self, config: EngineConfig, on_ready_change: Callable[[bool], None] = lambda ready: None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        on_ready_change: Callable[[bool], None] = lambda ready: None,
+        observer: EngineObserver | None = None,
+    ) -> None:
         self.config = config
+        self.observer = observer or EngineObserver()
         self.client = ExecutorClient(config.executor_address)
         self.on_ready_change = on_ready_change
         self.description: ExecutorDescription | None = None
@@ -57,6 +64,10 @@ class Engine:
         self._lost_since: float | None = None
         self._sent_at: dict[int, float] = {}
         self._last_step_finished = 0.0
+        self._connect_attempts = 0
+        # Set when the first executor cannot serve these settings: the server exits with it (code 2).
+        self.startup_error: ValueError | None = None
+        self.failed = asyncio.Event()
 
     @property
     def is_ready(self) -> bool:
@@ -102,6 +113,7 @@ class Engine:
             tokenizer=self.tokenizer,
             eos_token_ids=self.description.eos_token_ids,
             max_model_len=self.scheduler.config.max_model_len,
+            observer=self.observer,
         )
         self.scheduler.add_sequence(
             Sequence(
@@ -126,7 +138,7 @@ class Engine:
             log.info("request_aborted", request_id=request.request_id)
 
     async def _run(self) -> None:
-        while True:
+        while self.startup_error is None:
             try:
                 if not self.client.is_connected:
                     await self._connect()
@@ -161,9 +173,14 @@ class Engine:
         self.on_ready_change(False)
 
     async def _connect(self) -> None:
+        self._connect_attempts += 1
         try:
             description = await self.client.connect()
-        except Unavailable:
+        except Unavailable as error:
+            log.info(
+                "executor_connect_retry", address=self.client.address, attempt=self._connect_attempts,
+                reason=str(error), retry_in_seconds=RECONNECT_INTERVAL_SECONDS,
+            )
             self._fail_live_requests_after_grace()
             await asyncio.sleep(RECONNECT_INTERVAL_SECONDS)
             return
@@ -171,13 +188,23 @@ class Engine:
             self._prepare(description)
         except ValueError as error:
             # The executor cannot serve these settings (e.g. its KV pool is smaller than max_model_len).
-            log.error("executor_unusable", address=self.client.address, reason=str(error))
             await self.client.close()
+            if self.description is None:
+                # The first executor: a setting that can never work here; fail at start-up, not in a loop.
+                log.error("executor_unusable", address=self.client.address, reason=str(error), fatal=True)
+                self.startup_error = ValueError(f"the executor at {self.client.address} cannot serve: {error}")
+                self.failed.set()
+                return
+            log.error(
+                "executor_unusable", address=self.client.address, reason=str(error),
+                retry_in_seconds=UNUSABLE_RETRY_SECONDS,
+            )
             self._fail_live_requests(Unavailable(f"the executor cannot serve: {error}"))
             await asyncio.sleep(UNUSABLE_RETRY_SECONDS)
             return
         self.description = description
         self._lost_since = None
+        self._connect_attempts = 0
         self.on_ready_change(True)
         self._wake.set()
         log.info(
@@ -200,6 +227,14 @@ class Engine:
 
     def _build(self, description: ExecutorDescription) -> None:
         config = self.config
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            requested, limit = getattr(config, name), getattr(description, name)
+            if requested is not None and limit < requested:
+                log.warning(
+                    "executor_limit_lowers_setting", setting=name, requested=requested, executor_limit=limit,
+                    fix=f"start the executor with --{name.replace('_', '-')} {requested}"
+                    if name != "max_model_len" else "the model is shorter than --max-model-len",
+                )
         max_model_len = min(config.max_model_len or description.max_model_len, description.max_model_len)
         scheduler_config = SchedulerConfig(
             max_num_seqs=min(config.max_num_seqs, description.max_num_seqs),
@@ -214,7 +249,7 @@ class Engine:
         pool = BlockPool(description.num_device_blocks)
         kv_cache_manager = KVCacheManager(pool, description.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, kv_cache_manager)
-        self.tokenizer = Tokenizer.from_pretrained_dir(config.tokenizer_dir or description.model_path)
+        self.tokenizer = Tokenizer.from_model_path(config.tokenizer_dir or description.model_path)
 
     def _fail_live_requests_after_grace(self) -> None:
         if self._lost_since is not None and time.monotonic() - self._lost_since > self.config.reconnect_grace_seconds:
@@ -241,6 +276,7 @@ class Engine:
                 break
             self._sent_at[plan.step_id] = time.perf_counter()
             await self.client.send(plan)
+            self._mark_scheduled(plan)
         if scheduler.num_in_flight == 0:
             return
         scheduled = time.perf_counter()
@@ -266,10 +302,27 @@ class Engine:
         # A step's wall time runs from when the executor could start on it (its plan sent, or the
         # previous result handled, whichever is later) to its result handled: with plans in flight
         # the per-step times still add up to the elapsed time.
+        wall_seconds = finished - max(sent_at, self._last_step_finished)
         self.stats.record(
-            wall_seconds=finished - max(sent_at, self._last_step_finished),
+            wall_seconds=wall_seconds,
             scheduler_seconds=(scheduled - started) + (finished - received),
             forward_seconds=result.timing.forward_seconds,
             num_tokens=result.timing.num_tokens,
         )
         self._last_step_finished = finished
+        self.observer.on_step(
+            StepRecord(
+                wall_seconds=wall_seconds,
+                executor_seconds=result.timing.total_seconds,
+                forward_seconds=result.timing.forward_seconds,
+                num_tokens=result.timing.num_tokens,
+            )
+        )
+
+    def _mark_scheduled(self, plan: StepPlan) -> None:
+        """Notes when each request first entered a plan (the end of its time queued)."""
+        now = time.monotonic()
+        for new in plan.new_sequences:
+            request = self.requests.get(SequenceId(new.sequence_id))
+            if request is not None:
+                request.timeline.mark_scheduled(now)

@@ -1,45 +1,78 @@
-"""Start-up configuration of the scheduler service, as given on the command line."""
+"""The scheduler's start-up configuration; each field is also its `pagewire` flag (shared.setting)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared.setting import setting
+
+PREEMPTION_MODES = ("auto", "recompute", "swap")
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    """Flags follow vLLM's names where one exists. `max_model_len=None` takes the executor's.
+    """Flags follow vLLM's names where one exists; each field's help text is its documentation.
 
-    `preemption_mode` auto chooses swap or recompute per preempted request from the executor's
-    measured speeds; `enable_prefix_caching` shares the KV of common prompt prefixes between requests.
-    `max_plans_in_flight` > 1 sends the next plan before the previous result arrives (overlap
-    scheduling), hiding the scheduler's work and the round trip behind the executor's forward; 1
-    alternates strictly.
+    Validated on construction: settings that can never work together raise ValueError naming the flag.
     """
 
-    executor_address: str
-    host: str = "127.0.0.1"
-    port: int = 50051
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    max_queued_requests: int = 1024
-    preemption_mode: str = "auto"
-    enable_prefix_caching: bool = True
-    tokenizer_dir: str | None = None
-    # How long a lost executor may take to come back before live requests fail with UNAVAILABLE.
-    reconnect_grace_seconds: float = 10.0
-    max_plans_in_flight: int = 2
-    # The OpenAI-compatible HTTP API (and /metrics) on this port, same host; 0 turns it off.
-    http_port: int = 8000
-    # When set, HTTP needs `Authorization: Bearer KEY` and the public gRPC API the same metadata.
-    api_key: str | None = None
-    # The model name the HTTP API reports and accepts; None takes the checkpoint's name.
-    served_model_name: str | None = None
+    executor_address: str = setting(help="the executor to drive", flag="--executor", metavar="HOST:PORT")
+    host: str = setting("127.0.0.1", help="address the public gRPC API listens on")
+    port: int = setting(50051, help="port of the public gRPC API (pagewire.v1.Generation)")
+    max_num_seqs: int = setting(256, help="most sequences in one step (lowered to the executor's limit)")
+    max_num_batched_tokens: int = setting(
+        2048, help="most tokens in one step, prefill chunks and decodes together (at least --max-num-seqs)"
+    )
+    max_model_len: int | None = setting(
+        None, help="longest prompt + completion in tokens", default_text="the executor's (the model's)"
+    )
+    max_queued_requests: int = setting(1024,
+        help="waiting requests beyond which new ones get RESOURCE_EXHAUSTED")
+    preemption_mode: str = setting(
+        "auto", choices=PREEMPTION_MODES,
+        help="how a preempted request leaves the device; auto picks swap or recompute by measured cost",
+    )
+    enable_prefix_caching: bool = setting(True,
+        help="share the KV blocks of common prompt prefixes between requests")
+    tokenizer_dir: str | None = setting(
+        None, flag="--tokenizer", help="tokenizer directory or GGUF file", default_text="the executor's model"
+    )
+    reconnect_grace_seconds: float = setting(
+        10.0, help="how long a lost executor may take to come back before live requests fail with UNAVAILABLE"
+    )
+    max_plans_in_flight: int = setting(
+        2, help="plans sent ahead of their results (1: no overlap between scheduling and the forward)"
+    )
+    http_port: int = setting(8000,
+        help="port of the OpenAI-compatible HTTP API and /metrics, same host (0: off)")
+    api_key: str | None = setting(
+        None, help="require `Authorization: Bearer KEY` on HTTP and as gRPC metadata (env PAGEWIRE_API_KEY)",
+        default_text="none, open",
+    )
+    served_model_name: str | None = setting(
+        None, help="model name the HTTP API reports and accepts", default_text="the checkpoint's name"
+    )
 
     def __post_init__(self) -> None:
-        if self.max_queued_requests < 1:
-            raise ValueError(f"--max-queued-requests must be at least 1, got {self.max_queued_requests}")
-        if self.max_plans_in_flight < 1:
-            raise ValueError(f"--max-plans-in-flight must be at least 1, got {self.max_plans_in_flight}")
-        if self.preemption_mode not in ("auto", "recompute", "swap"):
-            raise ValueError(f"--preemption-mode must be auto, recompute or swap, got {self.preemption_mode!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests", "max_plans_in_flight"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"--max-model-len must be at least 1, got {self.max_model_len}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"--max-num-batched-tokens {self.max_num_batched_tokens} is below --max-num-seqs "
+                f"{self.max_num_seqs}: every running sequence must be able to decode in every step; raise "
+                "--max-num-batched-tokens or lower --max-num-seqs"
+            )
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(
+                f"--preemption-mode must be auto, recompute or swap, got {self.preemption_mode!r}"
+            )
+        if not 0 <= self.http_port <= 65535 or not 0 <= self.port <= 65535:
+            raise ValueError(
+                f"ports must be in 0..65535, got --port {self.port} --http-port {self.http_port}"
+            )
+        if self.reconnect_grace_seconds < 0:
+            raise ValueError(f"--reconnect-grace-seconds must be >= 0, got {self.reconnect_grace_seconds}")

@@ -31,6 +31,8 @@ class ExecutorClient:
         self.address = address
         self._channel: grpc.aio.Channel | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
+        # Encoded size of every plan sent since start-up, for the plan-size metric.
+        self.num_plan_bytes_sent = 0
 
     async def connect(self, timeout: float = 5.0) -> ExecutorDescription:
         """Describes the executor and opens a new Step stream; raises Unavailable when it cannot."""
@@ -63,7 +65,9 @@ class ExecutorClient:
     async def send(self, plan: StepPlan) -> None:
         """Sends a plan; its result comes back from `receive`, after those of earlier plans."""
         call = self._require_call()
-        await self._guarded(call.write(plan_to_pb(plan)))
+        message = plan_to_pb(plan)
+        self.num_plan_bytes_sent += message.ByteSize()
+        await self._guarded(call.write(message))
 
     async def receive(self) -> StepResult:
         """The result of the oldest plan sent and not yet answered."""

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 from scheduler_service.detokenizer import IncrementalDetokenizer
+from scheduler_service.engine_observer import EngineObserver
+from scheduler_service.request_timeline import RequestTimeline
 from scheduler_service.stop_checker import StopChecker
 from scheduler_service.tokenizer import Tokenizer
 from shared.sampling_params import SamplingParams
@@ -30,6 +33,8 @@ class RequestDelta:
     token_ids: tuple[int, ...] = ()
     text: str = ""
     logprobs: tuple[float, ...] = ()
+    # Per token, the top-N (token id, logprob) pairs the request asked for, most likely first.
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
     finish_reason: str | None = None
     usage: Usage | None = None
 
@@ -50,6 +55,7 @@ class RequestState:
         tokenizer: Tokenizer,
         eos_token_ids: tuple[int, ...],
         max_model_len: int,
+        observer: EngineObserver | None = None,
     ) -> None:
         self.request_id = request_id
         self.sequence_id = sequence_id
@@ -60,6 +66,8 @@ class RequestState:
         self.deltas: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
         self.num_cached_prompt_tokens = 0
         self.is_finished = False
+        self.observer = observer or EngineObserver()
+        self.timeline = RequestTimeline(arrival_seconds=time.monotonic())
 
     def usage(self) -> Usage:
         return Usage(self.num_prompt_tokens, self.stop_checker.num_output_tokens, self.num_cached_prompt_tokens)
@@ -77,18 +85,23 @@ class RequestState:
             token_ids=tuple(output.token_ids[:num_tokens]),
             text=decision.text_to_emit,
             logprobs=tuple(output.logprobs[:num_tokens]),
+            top_logprobs=tuple(output.top_logprobs[:num_tokens]),
             finish_reason=decision.finish_reason.value if finished else None,
             usage=self.usage() if finished else None,
         )
         self.is_finished = finished
-        self.deltas.put_nowait(delta)
+        self._send(delta)
         return finished
 
     def abort(self) -> None:
         """Ends the stream with ABORT (server-side abort, e.g. shutdown)."""
         if not self.is_finished:
             self.is_finished = True
-            self.deltas.put_nowait(RequestDelta(finish_reason=FINISH_ABORT, usage=self.usage()))
+            self._send(RequestDelta(finish_reason=FINISH_ABORT, usage=self.usage()))
+
+    def _send(self, delta: RequestDelta) -> None:
+        self.observer.on_delta(self, delta, time.monotonic())
+        self.deltas.put_nowait(delta)
 
     def fail(self, error: BaseException) -> None:
         """Ends the stream with an error status for the client."""

@@ -1,4 +1,4 @@
-"""The public Generation servicer: protobuf <-> domain conversion and request validation, nothing more."""
+"""The public Generation servicer: protobuf <-> domain conversion, nothing more (RequestIntake validates)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from scheduler_service.engine import Engine
+from scheduler_service.request_intake import ChatTurn, RequestIntake
 from scheduler_service.request_state import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, RequestDelta
-from shared.errors import InvalidArgument, NotFound, Unavailable
 from shared.pb.pagewire.v1 import generate_pb2 as pb
 from shared.pb.pagewire.v1 import generate_pb2_grpc as pb_grpc
-from shared.sampling_params import SamplingParams, validate_sampling_params
+from shared.sampling_params import SamplingParams
 
 _FINISH_REASONS = {
     None: pb.FINISH_REASON_UNSPECIFIED,
@@ -45,6 +45,10 @@ def sampling_params_from_pb(message: pb.SamplingParams) -> SamplingParams:
     )
 
 
+def chat_turns_from_pb(messages: pb.ChatMessages) -> tuple[ChatTurn, ...]:
+    return tuple(ChatTurn(role=message.role, content=message.content) for message in messages.messages)
+
+
 def delta_to_pb(request_id: str, delta: RequestDelta) -> pb.GenerateResponse:
     response = pb.GenerateResponse(
         request_id=request_id,
@@ -61,48 +65,35 @@ def delta_to_pb(request_id: str, delta: RequestDelta) -> pb.GenerateResponse:
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    """Validates requests against the executor's facts, hands them to the engine and streams deltas."""
+    """Converts requests to the domain, hands them to `RequestIntake` and streams deltas back."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.intake = RequestIntake(engine)
 
     def _prompt_token_ids(self, request: pb.GenerateRequest) -> tuple[int, ...]:
-        engine = self.engine
-        assert engine.tokenizer is not None and engine.description is not None
+        intake = self.intake
         kind = request.WhichOneof("input")
         if kind == "text":
-            ids = tuple(engine.tokenizer.encode(request.text)) if request.text else ()
-        elif kind == "token_ids":
-            ids = tuple(request.token_ids.ids)
-            vocab_size = engine.description.vocab_size
-            bad = [i for i in ids if not 0 <= i < vocab_size]
-            if bad:
-                raise InvalidArgument(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
-        else:
-            ids = ()
-        if not ids:
-            raise InvalidArgument("the prompt is empty: set `text` or `token_ids`")
-        return ids
+            return intake.prompt_from_text(request.text)
+        if kind == "token_ids":
+            return intake.prompt_from_token_ids(request.token_ids.ids)
+        if kind == "messages":
+            return intake.prompt_from_messages(chat_turns_from_pb(request.messages))
+        return intake.prompt_from_token_ids(())
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         engine = self.engine
-        if not engine.is_ready:
-            raise Unavailable("the scheduler is not connected to a ready executor; retry shortly")
-        if request.adapter:
-            raise NotFound(f"unknown adapter {request.adapter!r}: no LoRA adapters are loaded")
         prompt = self._prompt_token_ids(request)
-        params = sampling_params_from_pb(request.sampling)
-        assert engine.description is not None and engine.scheduler is not None
-        validate_sampling_params(
-            params,
-            vocab_size=engine.description.vocab_size,
-            max_logprobs=engine.description.max_logprobs,
-            max_model_len=engine.scheduler.config.max_model_len,
-            num_prompt_tokens=len(prompt),
+        state = self.intake.submit(
+            prompt,
+            sampling_params_from_pb(request.sampling),
+            adapter=request.adapter,
+            request_id=request.request_id or None,
+            cache_salt=request.cache_salt or None,
         )
-        state = engine.add_request(prompt, params, request.request_id or None, request.cache_salt or None)
         try:
             while True:
                 delta = await state.deltas.get()

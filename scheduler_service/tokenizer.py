@@ -1,4 +1,5 @@
-"""A Hugging Face tokenizer directory run by the `tokenizers` library alone (no transformers, no torch)."""
+"""A Hugging Face tokenizer directory or a GGUF file's tokenizer, run by the `tokenizers` library alone
+(no transformers, no torch)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import tokenizers
+
+from scheduler_service.gguf_tokenizer import read_gguf_tokenizer
+from shared.model_path import find_gguf_file
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -38,6 +42,23 @@ class Tokenizer:
         self._special_token_ids = frozenset(
             token_id for token_id, token in backend.get_added_tokens_decoder().items() if token.special
         )
+
+    @classmethod
+    def from_model_path(cls, path: str | Path) -> Tokenizer:
+        """A directory with tokenizer.json (Hugging Face), else a `.gguf` file or a directory holding one
+        (the tokenizer in the GGUF metadata, as `AutoTokenizer.from_pretrained(dir, gguf_file=...)`)."""
+        if Path(path).is_dir() and (Path(path) / TOKENIZER_FILE).is_file():
+            return cls.from_pretrained_dir(path)
+        gguf_file = find_gguf_file(path)
+        if gguf_file is None:
+            return cls.from_pretrained_dir(path)
+        return cls.from_gguf_file(gguf_file)
+
+    @classmethod
+    def from_gguf_file(cls, path: str | Path) -> Tokenizer:
+        """The tokenizer, special tokens and chat template in a GGUF file's metadata."""
+        parts = read_gguf_tokenizer(path)
+        return cls(parts.backend, parts.bos_token, parts.eos_token, parts.chat_template)
 
     @classmethod
     def from_pretrained_dir(cls, path: str | Path) -> Tokenizer:

@@ -34,6 +34,12 @@ class Unavailable(PagewireError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(PagewireError):
+    """A missing or wrong API key; the message says what credentials to send."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 def status_code_of(error: BaseException) -> grpc.StatusCode:
     """The status code a client should see for `error`; anything unexpected is INTERNAL."""
     if isinstance(error, PagewireError):

@@ -1,4 +1,4 @@
-"""Loads a Hugging Face Llama-family checkpoint (safetensors) into `LlamaForCausalLM`."""
+"""Opens a model checkpoint (a Hugging Face safetensors directory or a GGUF file) and loads it."""
 
 from __future__ import annotations
 
@@ -10,62 +10,94 @@ import torch
 from safetensors import safe_open
 
 from executor_service.model.config import ModelConfig
+from executor_service.model.gguf_checkpoint import GGUFCheckpoint
 from executor_service.model.llama import LlamaForCausalLM
+from executor_service.model.parameter_shards import expected_shards, missing_shards, shard_rows
 from executor_service.ops.base import OpsBackend
+from shared.model_path import find_gguf_file
 
 # Checkpoint tensors that carry no weights of ours (old Llama exports saved the RoPE table).
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
-def load_model(
-    model_dir: str, dtype: torch.dtype, device: torch.device, ops: OpsBackend
-) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """Builds the model described by `model_dir/config.json` and fills it from its safetensors files.
+class SafetensorsCheckpoint:
+    """A Hugging Face checkpoint directory: config.json plus safetensors files."""
 
-    Every parameter must be covered by the checkpoint and every checkpoint tensor must map to a
-    parameter (a tied model may carry a redundant `lm_head.weight`); otherwise `ValueError` names the
-    missing or unexpected tensors. Weights are cast to `dtype` and placed on `device`.
-    """
-    config = ModelConfig.from_pretrained_dir(model_dir)
-    model = LlamaForCausalLM(config, ops, dtype=dtype, device=device)
-    parameters = dict(model.named_parameters())
-    # Each parameter is made of row shards; all of them must arrive exactly once.
-    pending: dict[str, set[str]] = {name: set(shards) for name, shards in _expected_shards(model).items()}
-    unexpected: list[str] = []
-    with torch.no_grad():
-        for file in _safetensors_files(Path(model_dir)):
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for tensor_name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    target = _target(tensor_name, config)
-                    if target is None:
-                        if not _IGNORED.fullmatch(tensor_name) and not (
-                            config.tie_word_embeddings and tensor_name == "lm_head.weight"
-                        ):
+    def __init__(self, path: Path, config: ModelConfig) -> None:
+        self.path = path
+        self.config = config
+
+    @classmethod
+    def open(cls, path: str | Path) -> SafetensorsCheckpoint:
+        directory = Path(path).resolve()
+        return cls(directory, ModelConfig.from_pretrained_dir(directory))
+
+    def load(self, dtype: torch.dtype, device: torch.device, ops: OpsBackend) -> LlamaForCausalLM:
+        """The model filled from the safetensors files, cast to `dtype` on `device`.
+
+        Every parameter must be covered by the checkpoint and every checkpoint tensor must map to a
+        parameter (a tied model may carry a redundant `lm_head.weight`); otherwise `ValueError` names
+        the missing or unexpected tensors.
+        """
+        config = self.config
+        model = LlamaForCausalLM(config, ops, dtype=dtype, device=device)
+        parameters = dict(model.named_parameters())
+        # Each parameter is made of row shards; all of them must arrive exactly once.
+        pending = {name: set(shards) for name, shards in expected_shards(model).items()}
+        unexpected: list[str] = []
+        with torch.no_grad():
+            for file in _safetensors_files(self.path):
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    for tensor_name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                        target = _target(tensor_name, config)
+                        if target is None:
+                            if not _IGNORED.fullmatch(tensor_name) and not (
+                                config.tie_word_embeddings and tensor_name == "lm_head.weight"
+                            ):
+                                unexpected.append(tensor_name)
+                            continue
+                        param_name, shard = target
+                        if param_name not in parameters:
                             unexpected.append(tensor_name)
-                        continue
-                    param_name, shard = target
-                    if param_name not in parameters:
-                        unexpected.append(tensor_name)
-                        continue
-                    destination = _shard_rows(parameters[param_name], shard, config)
-                    tensor = handle.get_tensor(tensor_name)
-                    if tuple(tensor.shape) != tuple(destination.shape):
-                        raise ValueError(
-                            f"{tensor_name} in {file.name} has shape {tuple(tensor.shape)}, "
-                            f"expected {tuple(destination.shape)} from config.json"
-                        )
-                    destination.copy_(tensor)
-                    pending[param_name].discard(shard)
-    missing = sorted(
-        f"{name}[{shard}]" if shard else name for name, shards in pending.items() for shard in shards
-    )
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {model_dir} does not match {config.architecture} with {config.num_layers} layers: "
-            f"missing {missing or 'nothing'}; unexpected {sorted(unexpected) or 'nothing'}"
-        )
-    return model.eval(), config
+                            continue
+                        destination = shard_rows(parameters[param_name], shard, config)
+                        tensor = handle.get_tensor(tensor_name)
+                        if tuple(tensor.shape) != tuple(destination.shape):
+                            raise ValueError(
+                                f"{tensor_name} in {file.name} has shape {tuple(tensor.shape)}, "
+                                f"expected {tuple(destination.shape)} from config.json"
+                            )
+                        destination.copy_(tensor)
+                        pending[param_name].discard(shard)
+        missing = missing_shards(pending)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {self.path} does not match {config.architecture} "
+                f"with {config.num_layers} layers: "
+                f"missing {missing or 'nothing'}; unexpected {sorted(unexpected) or 'nothing'}"
+            )
+        return model.eval()
+
+
+Checkpoint = SafetensorsCheckpoint | GGUFCheckpoint
+
+
+def open_checkpoint(model_path: str | Path) -> Checkpoint:
+    """The checkpoint at `model_path`: a `.gguf` file or a directory holding one (GGUF), else a
+    Hugging Face directory with config.json. Reads the metadata only; `load` reads the weights."""
+    gguf_file = find_gguf_file(model_path)
+    if gguf_file is not None:
+        return GGUFCheckpoint.open(gguf_file)
+    return SafetensorsCheckpoint.open(model_path)
+
+
+def load_model(
+    model_path: str | Path, dtype: torch.dtype, device: torch.device, ops: OpsBackend
+) -> tuple[LlamaForCausalLM, ModelConfig]:
+    """Opens the checkpoint at `model_path` and loads it in `dtype` on `device`."""
+    checkpoint = open_checkpoint(model_path)
+    return checkpoint.load(dtype, device, ops), checkpoint.config
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
@@ -112,29 +144,3 @@ def _target(tensor_name: str, config: ModelConfig) -> tuple[str, str] | None:
     ):
         return prefix + rest, ""
     return None
-
-
-def _expected_shards(model: LlamaForCausalLM) -> dict[str, tuple[str, ...]]:
-    shards: dict[str, tuple[str, ...]] = {}
-    for name, _ in model.named_parameters():
-        if ".qkv_proj." in name:
-            shards[name] = ("q", "k", "v")
-        elif ".gate_up_proj." in name:
-            shards[name] = ("gate", "up")
-        else:
-            shards[name] = ("",)
-    return shards
-
-
-def _shard_rows(parameter: torch.Tensor, shard: str, config: ModelConfig) -> torch.Tensor:
-    """The view of `parameter` that the checkpoint tensor for `shard` fills."""
-    offsets = {
-        "": (0, parameter.shape[0]),
-        "q": (0, config.q_size),
-        "k": (config.q_size, config.kv_size),
-        "v": (config.q_size + config.kv_size, config.kv_size),
-        "gate": (0, config.intermediate_size),
-        "up": (config.intermediate_size, config.intermediate_size),
-    }
-    start, length = offsets[shard]
-    return parameter.narrow(0, start, length)

@@ -58,7 +58,7 @@ def running(args: list[str], address: str, service: str = "", timeout: float = 1
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with tempfile.TemporaryFile(mode="w+") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", *args],
+            [sys.executable, "-m", "pagewire", *args],
             cwd=REPO_ROOT,
             env=env,
             stdout=subprocess.DEVNULL,

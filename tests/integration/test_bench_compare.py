@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.compare_report import README_BEGIN, README_END
 from executor_service.tiny_model import create_tiny_model
-from shared.cli import main
+from pagewire.cli import main
 from tests.helpers.processes import running_server
 
 

@@ -20,7 +20,7 @@ import yaml
 
 from executor_service.tiny_model import create_tiny_model
 from shared.child_process import stop_child
-from shared.cli import build_parser
+from pagewire.cli import build_parser
 from tests.helpers.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -212,7 +212,7 @@ def test_executor_command_parses_with_the_real_cli(base: dict) -> None:
 
 def test_scheduler_command_parses_with_the_real_cli(base: dict) -> None:
     if "scheduler" not in subcommands():
-        pytest.skip("`pagewire scheduler` is not in shared.cli.build_parser() yet")
+        pytest.skip("`pagewire scheduler` is not in pagewire.cli.build_parser() yet")
     args = build_parser().parse_args(base["services"]["scheduler"]["command"])
     assert (args.command, args.host, args.port) == ("scheduler", "0.0.0.0", 50051)
 

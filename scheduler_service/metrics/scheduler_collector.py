@@ -1,0 +1,87 @@
+"""Scheduler state read at scrape time: vLLM's gauges and cache/preemption counters, and pagewire's own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from scheduler_service.engine import Engine
+from scheduler_service.metrics.engine_metrics import ENGINE_INDEX, LABELS
+from scheduler_service.served_model_name import served_model_name
+
+
+class SchedulerCollector(Collector):
+    """Reads the engine's scheduler and executor client on every scrape (nothing to keep in step).
+
+    The counters are the scheduler's cumulative `SchedulerCounters`; they start again from 0 when a
+    different executor (another cache geometry) makes the engine build a new scheduler, which
+    Prometheus' `rate()` reads as a counter reset. Prefix-cache queries and hits count tokens, as in
+    vLLM: hits are prompt tokens served from the cache at admission, queries those plus the prompt
+    tokens computed. Nothing is reported before an executor described its model.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.engine
+        model_name, scheduler = served_model_name(engine), engine.scheduler
+        if model_name is None or scheduler is None:
+            return
+        labels = [model_name, ENGINE_INDEX]
+        pool = scheduler.kv_cache_manager.block_pool
+        counters = scheduler.counters
+
+        def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, documentation, labels=LABELS)
+            family.add_metric(labels, value)
+            return family
+
+        def counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, documentation, labels=LABELS)
+            family.add_metric(labels, value)
+            return family
+
+        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.", scheduler.num_running)
+        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", scheduler.num_waiting)
+        yield gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+            pool.num_used_blocks / pool.num_blocks if pool.num_blocks else 0.0,
+        )
+        yield counter(
+            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+            counters.num_prompt_tokens_computed + counters.num_prompt_tokens_cached,
+        )
+        yield counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+            counters.num_prompt_tokens_cached,
+        )
+        yield counter(
+            "vllm:num_preemptions", "Cumulative number of preemption from the engine.", counters.num_preemptions
+        )
+        preemptions = CounterMetricFamily(
+            "pagewire:num_preemptions", "Preemptions by how the sequence left the device.", labels=[*LABELS, "mode"]
+        )
+        preemptions.add_metric([*labels, "swap"], counters.num_preemptions_swap)
+        preemptions.add_metric([*labels, "recompute"], counters.num_preemptions_recompute)
+        yield preemptions
+        yield counter(
+            "pagewire:num_blocks_swapped_out", "KV blocks copied from the device to the host swap pool.",
+            counters.num_blocks_swapped_out,
+        )
+        yield counter(
+            "pagewire:num_blocks_swapped_in", "KV blocks copied from the host swap pool back to the device.",
+            counters.num_blocks_swapped_in,
+        )
+        yield counter(
+            "pagewire:num_tokens_recomputed", "Tokens computed again after a recompute preemption dropped their KV.",
+            counters.num_tokens_recomputed,
+        )
+        yield counter(
+            "pagewire:plan_bytes", "Encoded bytes of the step plans sent to the executor.",
+            engine.client.num_plan_bytes_sent,
+        )
+        yield gauge("pagewire:num_requests_swapped", "Requests whose KV sits in the host swap pool.", scheduler.num_swapped)
+        yield gauge("pagewire:num_free_device_blocks", "Device KV blocks no sequence holds.", pool.num_free_blocks)
