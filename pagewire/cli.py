@@ -167,8 +167,9 @@ def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p = _subparser(subparsers, "generate", "stream the answer to one prompt from a running server")
     p.add_argument("prompt", help="the prompt text")
     p.add_argument(
-        "--chat", action="store_true",
-        help="send the prompt as one user chat message (the server applies the chat template)",
+        "--chat", action=argparse.BooleanOptionalAction, default=True,
+        help="send the prompt as one user chat message, rendered by the server with the model's chat "
+        "template; --no-chat sends the raw text as a completion prompt",
     )
     _add_client_flags(p)
     p.set_defaults(handler=_run_generate)
@@ -178,7 +179,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from pagewire.generate_client import generate_to_stdout
 
     if args.system and not args.chat:
-        raise ValueError("--system needs --chat")
+        raise ValueError("--system needs a chat prompt: drop --no-chat")
     return generate_to_stdout(config_from_args(ClientConfig, args), args)
 
 

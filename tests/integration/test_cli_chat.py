@@ -48,11 +48,18 @@ def rendered_length(messages: list[dict[str, str]]) -> int:
 
 
 def test_generate_chat_sends_one_user_message(address: str) -> None:
-    done = run(["generate", QUESTION, "--chat", "--address", address])
+    done = run(["generate", QUESTION, "--address", address])  # a chat message by default
     assert done.returncode == 0, done.stderr
     assert done.stdout == ANSWER + "\n"
     reason, prompt_tokens, _ = NOTE.search(done.stderr).groups()
     assert (reason, int(prompt_tokens)) == ("stop", rendered_length([{"role": "user", "content": QUESTION}]))
+
+
+def test_generate_no_chat_sends_the_raw_text(address: str) -> None:
+    done = run(["generate", QUESTION, "--no-chat", "--max-tokens", "4", "--address", address])
+    assert done.returncode == 0, done.stderr
+    _, prompt_tokens, _ = NOTE.search(done.stderr).groups()
+    assert int(prompt_tokens) == len(reference_tokenizer()(QUESTION)["input_ids"])
 
 
 def test_chat_keeps_the_conversation_and_ends_on_exit(address: str) -> None:
