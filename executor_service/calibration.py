@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
+from executor_service.executor_info import MeasuredSpeeds
 from executor_service.kv_pool import KVPool
 from executor_service.model_runner import ModelRunner
 from shared.step_plan import BlockPairs, NewSequence, SequenceId, StepPlan
 
-
-@dataclass(frozen=True, slots=True)
-class MeasuredSpeeds:
-    swap_out_bytes_per_second: float
-    swap_in_bytes_per_second: float
-    prefill_tokens_per_second: float
+__all__ = ["MeasuredSpeeds", "measure_prefill", "measure_swap"]
 
 
 def _synchronize(device: torch.device) -> None:

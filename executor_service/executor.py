@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import structlog
 import torch
 
 from executor_service.calibration import MeasuredSpeeds, measure_prefill, measure_swap
 from executor_service.executor_config import DEFAULT_CPU_KV_CACHE_BYTES, ExecutorConfig
+from executor_service.executor_info import ExecutorInfo
 from executor_service.kv_pool import KVGeometry, KVPool
-from executor_service.model.config import ModelConfig
 from executor_service.model.dtype import resolve_dtype
 from executor_service.model.loader import open_checkpoint
 from executor_service.model_runner import ModelRunner
@@ -20,26 +19,6 @@ from executor_service.persistent_batch import BatchLimits
 from executor_service.sampler import Sampler
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ExecutorInfo:
-    """Everything `Describe` reports."""
-
-    model_config: ModelConfig
-    model_dir: str
-    dtype: torch.dtype
-    device_name: str
-    ops_backend: str
-    block_size: int
-    num_device_blocks: int
-    num_host_blocks: int
-    bytes_per_block: int
-    speeds: MeasuredSpeeds
-    max_num_batched_tokens: int
-    max_num_seqs: int
-    max_logprobs: int
-    max_model_len: int
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,6 +56,11 @@ class Executor:
     def __init__(self, runner: ModelRunner, info: ExecutorInfo) -> None:
         self.runner = runner
         self.info = info
+
+    def close(self) -> None:
+        """Waits for queued device work, so the process exits with nothing half-done on the GPU."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
     @classmethod
     def load(cls, config: ExecutorConfig, ops: OpsBackend | None = None) -> Executor:
@@ -127,7 +111,7 @@ class Executor:
         info = ExecutorInfo(
             model_config=model_config,
             model_dir=str(checkpoint.path),
-            dtype=dtype,
+            dtype=str(dtype).removeprefix("torch."),
             device_name=device_name,
             ops_backend=ops.name,
             block_size=config.block_size,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from shared.setting import parse_bytes, setting
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-OPS_BACKENDS = ("auto", "torch", "cuda")
+OPS_BACKENDS = ("auto", "torch", "cpu", "cuda")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 DEFAULT_CPU_KV_CACHE_BYTES = 512 * 1024**2
 
@@ -46,13 +46,27 @@ class ExecutorConfig:
     max_logprobs: int = setting(20, help="most logprobs a request may ask for per token")
     ops_backend: str = setting(
         "auto", flag="--attention-backend", choices=OPS_BACKENDS,
-        help="attention and cache kernels: torch (reference), cuda (CuPy kernels), auto (cuda on CUDA)",
+        help="attention and cache kernels: torch (reference), cpu (compiled C++ attention, batch-invariant), "
+        "cuda (CuPy kernels), auto (cuda on CUDA, else cpu when it builds, else torch)",
     )
     seed: int | None = setting(
         None, help="seeds the sampler's draws for requests without a seed of their own, so a restarted "
         "executor given the same requests samples the same tokens", default_text="random per start",
     )
     num_threads: int | None = setting(None, help="torch CPU threads", default_text="torch's choice")
+    executor_lease_seconds: float = setting(
+        10.0, help="how long the scheduler that owned this executor keeps it after its Step stream ends: "
+        "only the same --scheduler-id may reconnect meanwhile",
+    )
+    drain_timeout_seconds: float = setting(
+        30.0, help="on SIGTERM: health turns NOT_SERVING (no new work) and the Step stream is served until its "
+        "scheduler closes it (no sequence left here) or this many seconds pass, then the executor exits",
+    )
+    simulate: str | None = setting(
+        None, metavar="PROFILE", help="serve no model: answer plans with deterministic tokens after the step "
+        "time PROFILE models (a name in executor_service/simulation/profiles, e.g. h100_llama3_8b, or a JSON "
+        "file); --model is not used", default_text="off, a real model",
+    )
 
     def __post_init__(self) -> None:
         if self.block_size not in BLOCK_SIZES:
@@ -62,7 +76,7 @@ class ExecutorConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.ops_backend not in OPS_BACKENDS:
-            raise ValueError(f"--attention-backend must be auto, torch or cuda, got {self.ops_backend!r}")
+            raise ValueError(f"--attention-backend must be auto, torch, cpu or cuda, got {self.ops_backend!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
@@ -75,6 +89,10 @@ class ExecutorConfig:
             raise ValueError(f"--swap-space must be >= 0 GiB, got {self.swap_space_gib}")
         if self.max_num_batched_tokens <= 0 or self.max_num_seqs <= 0:
             raise ValueError("--max-num-batched-tokens and --max-num-seqs must be positive")
+        if self.executor_lease_seconds < 0:
+            raise ValueError(f"--executor-lease-seconds must be >= 0, got {self.executor_lease_seconds}")
+        if self.drain_timeout_seconds < 0:
+            raise ValueError(f"--drain-timeout-seconds must be >= 0, got {self.drain_timeout_seconds}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"--num-threads must be at least 1, got {self.num_threads}")
 

@@ -68,7 +68,10 @@ def _add_executor_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run_executor(args: argparse.Namespace) -> int:
     # Flags are checked before the model is resolved (or the tiny one made).
     config = config_from_args(ExecutorConfig, args, skip=("model_dir",), model_dir=args.model or "")
-    config = dataclasses.replace(config, model_dir=str(resolve_model(args.model)))
+    if config.simulate is not None and args.model:
+        raise ValueError("--simulate serves no model: leave out --model (the profile names the tokenizer)")
+    if config.simulate is None:
+        config = dataclasses.replace(config, model_dir=str(resolve_model(args.model)))
     from executor_service.server import serve
 
     asyncio.run(serve(config))
@@ -102,7 +105,7 @@ def _run_create_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _add_scheduler_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = _subparser(subparsers, "scheduler", "serve the public Generation API over one executor")
+    p = _subparser(subparsers, "scheduler", "serve the public Generation API over one or more executors")
     add_config_flags(p, EngineConfig)
     p.set_defaults(handler=_run_scheduler)
 
@@ -120,7 +123,7 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         subparsers, "serve", "start an executor (a child process) and the scheduler together on this machine"
     )
     p.add_argument("--model", default=None, help=MODEL_HELP)
-    add_config_flags(p, EngineConfig, skip=("executor_address",))
+    add_config_flags(p, EngineConfig, skip=("executor_addresses",))
     executor = p.add_argument_group("executor", "the executor child (it gets the scheduler's batch limits)")
     executor.add_argument(
         "--executor-port", type=int, default=_default(ExecutorConfig, "port"), help="the executor's port"
@@ -136,7 +139,7 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 def serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ExecutorConfig]:
     """The scheduler's and the executor's configs of `pagewire serve ARGS` (validated; resolves --model)."""
     engine_config = config_from_args(
-        EngineConfig, args, skip=("executor_address",), executor_address=f"127.0.0.1:{args.executor_port}",
+        EngineConfig, args, skip=("executor_addresses",), executor_addresses=(f"127.0.0.1:{args.executor_port}",),
         api_key=_api_key(args.api_key),
     )
     executor_config = config_from_args(
@@ -145,6 +148,8 @@ def serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ExecutorConfi
         max_num_seqs=engine_config.max_num_seqs, max_num_batched_tokens=engine_config.max_num_batched_tokens,
     )
     # Flags are checked (above) before the model is resolved (or the tiny one made).
+    if executor_config.simulate is not None:
+        return engine_config, executor_config
     return engine_config, dataclasses.replace(executor_config, model_dir=str(resolve_model(args.model)))
 
 

@@ -35,10 +35,17 @@ def flag_name(field: dataclasses.Field) -> str:
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
+def _is_repeatable(field: dataclasses.Field) -> bool:
+    type_name = str(field.type).replace(" ", "")
+    return type_name.startswith("tuple[") and type_name.endswith(",...]")
+
+
 def _parser_type(field: dataclasses.Field) -> Any:
     if field.metadata.get("parse") is not None:
         return field.metadata["parse"]
     type_name = str(field.type).replace(" ", "").removesuffix("|None")
+    if _is_repeatable(field):
+        type_name = type_name.removeprefix("tuple[").removesuffix(",...]")
     if type_name not in _TYPES:
         raise TypeError(f"{field.name}: give setting(parse=...) for a field of type {field.type}")
     return _TYPES[type_name]
@@ -61,6 +68,11 @@ def add_config_flags(
         if str(field.type) == "bool":
             parser.add_argument(flag_name(field), action=argparse.BooleanOptionalAction, **kwargs)
             continue
+        if _is_repeatable(field):
+            # tuple[X, ...]: the flag may be given many times, each adding one element.
+            kwargs["action"] = "append"
+            if "default" in kwargs:
+                kwargs["default"] = None
         kwargs["type"] = _parser_type(field)
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
@@ -75,6 +87,13 @@ def config_from_args(config_class: type[C], args: argparse.Namespace, skip: Coll
     """`config_class` from the parsed flags of its fields (minus `skip`), plus `values` given here."""
     from_flags = {f.name: getattr(args, f.name) for f in flag_fields(config_class,
         skip) if f.name not in values}
+    for field in flag_fields(config_class, skip):
+        if _is_repeatable(field) and field.name in from_flags:
+            given = from_flags[field.name]
+            if given is None:
+                del from_flags[field.name]
+            else:
+                from_flags[field.name] = tuple(given)
     return config_class(**from_flags, **values)
 
 
@@ -89,6 +108,9 @@ def config_to_argv(config: object, skip: Collection[str] = ()) -> list[str]:
             continue
         if isinstance(value, bool):
             argv.append(flag_name(field) if value else "--no-" + flag_name(field).removeprefix("--"))
+        elif isinstance(value, tuple):
+            for element in value:
+                argv += [flag_name(field), str(element)]
         else:
             argv += [flag_name(field), str(value)]
     return argv

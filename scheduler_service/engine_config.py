@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scheduler_service.executor_discovery import ExecutorTarget
+from shared.scheduler_identity import PROCESS_SCHEDULER_ID
 from shared.setting import setting
 
 PREEMPTION_MODES = ("auto", "recompute", "swap")
@@ -16,7 +18,11 @@ class EngineConfig:
     Validated on construction: settings that can never work together raise ValueError naming the flag.
     """
 
-    executor_address: str = setting(help="the executor to drive", flag="--executor", metavar="HOST:PORT")
+    executor_addresses: tuple[str, ...] = setting(
+        help="an executor to drive; repeat for more; dns:///NAME:PORT drives every address NAME resolves to "
+        "(re-resolved every few seconds)",
+        flag="--executor", metavar="HOST:PORT",
+    )
     host: str = setting("127.0.0.1", help="address the public gRPC API listens on")
     port: int = setting(50051, help="port of the public gRPC API (pagewire.v1.Generation)")
     max_num_seqs: int = setting(256, help="most sequences in one step (lowered to the executor's limit)")
@@ -38,8 +44,10 @@ class EngineConfig:
         None, flag="--tokenizer", help="tokenizer directory or GGUF file", default_text="the executor's model"
     )
     reconnect_grace_seconds: float = setting(
-        10.0, help="how long a lost executor may take to come back before live requests fail with UNAVAILABLE"
+        10.0, help="how long requests of a lost executor wait for a ready one (it or another) before they fail "
+        "with UNAVAILABLE",
     )
+    dns_refresh_seconds: float = setting(5.0, help="how often dns:///NAME:PORT executors are resolved again")
     max_plans_in_flight: int = setting(
         2, help="plans sent ahead of their results (1: no overlap between scheduling and the forward)"
     )
@@ -52,8 +60,19 @@ class EngineConfig:
     served_model_name: str | None = setting(
         None, help="model name the HTTP API reports and accepts", default_text="the checkpoint's name"
     )
+    scheduler_id: str = setting(
+        PROCESS_SCHEDULER_ID, help="this scheduler's name to its executors: each serves one scheduler id at a "
+        "time, and a restarted scheduler with the same id reclaims its executors at once",
+        default_text="random per process",
+    )
 
     def __post_init__(self) -> None:
+        if isinstance(self.executor_addresses, str):
+            object.__setattr__(self, "executor_addresses", (self.executor_addresses,))
+        if not self.executor_addresses:
+            raise ValueError("give at least one --executor HOST:PORT (or dns:///NAME:PORT)")
+        for target in self.executor_addresses:
+            ExecutorTarget.parse(target)
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests", "max_plans_in_flight"):
             value = getattr(self, name)
             if value < 1:
@@ -74,5 +93,9 @@ class EngineConfig:
             raise ValueError(
                 f"ports must be in 0..65535, got --port {self.port} --http-port {self.http_port}"
             )
+        if self.dns_refresh_seconds <= 0:
+            raise ValueError(f"--dns-refresh-seconds must be > 0, got {self.dns_refresh_seconds}")
+        if not self.scheduler_id:
+            raise ValueError("--scheduler-id must not be empty")
         if self.reconnect_grace_seconds < 0:
             raise ValueError(f"--reconnect-grace-seconds must be >= 0, got {self.reconnect_grace_seconds}")

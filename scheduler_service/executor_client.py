@@ -13,6 +13,7 @@ from shared.errors import Unavailable
 from shared.pb.pagewire.v1 import executor_pb2 as pb
 from shared.pb.pagewire.v1 import executor_pb2_grpc as pb_grpc
 from shared.plan_codec import plan_to_pb, result_from_pb
+from shared.scheduler_identity import PROCESS_SCHEDULER_ID, SCHEDULER_ID_METADATA_KEY
 from shared.step_plan import StepPlan, StepResult
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -27,8 +28,11 @@ class ExecutorClient:
     a fresh stream (the executor then holds no sequences).
     """
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, scheduler_id: str = PROCESS_SCHEDULER_ID) -> None:
         self.address = address
+        # Sent on Describe and Step: the executor serves one scheduler id at a time (FAILED_PRECONDITION
+        # naming its owner otherwise).
+        self._metadata = ((SCHEDULER_ID_METADATA_KEY, scheduler_id),)
         self._channel: grpc.aio.Channel | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
         # Encoded size of every plan sent since start-up, for the plan-size metric.
@@ -46,11 +50,13 @@ class ExecutorClient:
         )
         stub = pb_grpc.ExecutorStub(self._channel)
         try:
-            description = await stub.Describe(pb.DescribeRequest(), timeout=timeout, wait_for_ready=False)
+            description = await stub.Describe(
+                pb.DescribeRequest(), timeout=timeout, wait_for_ready=False, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as error:
             await self.close()
             raise Unavailable(f"executor {self.address} is unavailable: {error.details()}") from error
-        self._call = stub.Step()
+        self._call = stub.Step(metadata=self._metadata)
         return ExecutorDescription.from_pb(description)
 
     @property

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from scheduler_service import block_hash
 from scheduler_service.block_hash import BlockKey, ExtraKeys
 from scheduler_service.block_pool import BlockPool
 from shared.step_plan import BlockId, SequenceId
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixHit:
+    """A prompt's longest cached prefix: its tokens, and those in blocks some table holds now."""
+
+    num_tokens: int
+    num_held_tokens: int
 
 
 class KVCacheManager:
@@ -85,6 +94,24 @@ class KVCacheManager:
         self._block_tables[sequence_id] = hit_block_ids
         self._block_keys[sequence_id] = keys
         return len(hit_block_ids) * self.block_size
+
+    def find_cached_prefix(self, token_ids: Sequence[int], extra_keys: ExtraKeys = ()) -> PrefixHit:
+        """What `allocate_cached_prefix` would supply for `token_ids` now, and how much of it other
+        tables hold already; changes nothing (no touch, no table), so placement can ask every
+        executor's cache."""
+        if not self.enable_prefix_caching:
+            return PrefixHit(0, 0)
+        parent: BlockKey | None = None
+        num_blocks = num_held_blocks = 0
+        for index in range((len(token_ids) - 1) // self.block_size):
+            block_id = self.block_pool.get_cached_block(self._block_key(token_ids, index, parent, extra_keys))
+            if block_id is None:
+                break
+            block = self.block_pool.blocks[block_id]
+            parent = block.block_key
+            num_blocks += 1
+            num_held_blocks += block.ref_count > 0
+        return PrefixHit(num_blocks * self.block_size, num_held_blocks * self.block_size)
 
     def cache_full_blocks(
         self,

@@ -11,9 +11,8 @@ from collections.abc import Sequence
 
 from scheduler_service.chat_template import ChatTemplate, ChatTurn
 from scheduler_service.engine import Engine
-from scheduler_service.executor_description import ExecutorDescription
 from scheduler_service.request_state import RequestState
-from scheduler_service.scheduler import Scheduler
+from scheduler_service.served_model import ServedModel
 from scheduler_service.tokenizer import Tokenizer
 from shared.errors import InvalidArgument, NotFound, Unavailable
 from shared.sampling_params import SamplingParams, validate_sampling_params
@@ -27,20 +26,19 @@ class RequestIntake:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        # The engine builds a new Tokenizer when the executor changes; each one's template is compiled once.
+        # One Tokenizer per served model; its template is compiled once.
         self._compiled_for: Tokenizer | None = None
         self._chat_template: ChatTemplate | None = None
 
     def prompt_from_text(self, text: str) -> tuple[int, ...]:
         """The token ids of `text`, with the special tokens HF's `tokenizer(text)` adds."""
-        tokenizer, _, _ = self._ready()
+        tokenizer = self._ready().tokenizer
         return _non_empty(tuple(tokenizer.encode(text)) if text else ())
 
     def prompt_from_token_ids(self, token_ids: Sequence[int]) -> tuple[int, ...]:
         """`token_ids` unchanged, once each is checked to lie in the executor's vocabulary."""
-        _, description, _ = self._ready()
         ids = tuple(token_ids)
-        vocab_size = description.vocab_size
+        vocab_size = self._ready().vocab_size
         bad = [i for i in ids if not 0 <= i < vocab_size]
         if bad:
             raise InvalidArgument(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
@@ -49,7 +47,7 @@ class RequestIntake:
     def prompt_from_messages(self, messages: Sequence[ChatTurn]) -> tuple[int, ...]:
         """The rendered chat (add_generation_prompt=True) tokenized as HF's
         `apply_chat_template(tokenize=True)` does: the template writes BOS and the other control tokens itself, so none are added."""
-        tokenizer, _, _ = self._ready()
+        tokenizer = self._ready().tokenizer
         return _non_empty(tuple(tokenizer.encode_without_special_tokens(self.render_chat(messages))))
 
     def render_chat(self, messages: Sequence[ChatTurn]) -> str:
@@ -67,28 +65,27 @@ class RequestIntake:
     ) -> RequestState:
         """Checks `params` against the executor's facts and queues the request; the caller must
         `engine.abort(state)` when its client goes away before the request finishes."""
-        _, description, scheduler = self._ready()
+        model = self._ready()
         if adapter:
             raise NotFound(f"unknown adapter {adapter!r}: no LoRA adapters are loaded")
         validate_sampling_params(
             params,
-            vocab_size=description.vocab_size,
-            max_logprobs=description.max_logprobs,
-            max_model_len=scheduler.config.max_model_len,
+            vocab_size=model.vocab_size,
+            max_logprobs=model.max_logprobs,
+            max_model_len=model.max_model_len,
             num_prompt_tokens=len(prompt_token_ids),
         )
         prompt = _non_empty(prompt_token_ids)
         return self.engine.add_request(prompt, params, request_id or None, cache_salt or None)
 
-    def _ready(self) -> tuple[Tokenizer, ExecutorDescription, Scheduler]:
-        engine = self.engine
-        tokenizer, description, scheduler = engine.tokenizer, engine.description, engine.scheduler
-        if not engine.is_ready or tokenizer is None or description is None or scheduler is None:
+    def _ready(self) -> ServedModel:
+        model = self.engine.model
+        if not self.engine.is_ready or model is None:
             raise Unavailable("the scheduler is not connected to a ready executor; retry shortly")
-        return tokenizer, description, scheduler
+        return model
 
     def _template(self) -> ChatTemplate:
-        tokenizer, _, _ = self._ready()
+        tokenizer = self._ready().tokenizer
         if self._compiled_for is not tokenizer or self._chat_template is None:
             self._chat_template = ChatTemplate.from_tokenizer(tokenizer)
             self._compiled_for = tokenizer

@@ -7,6 +7,7 @@ from collections import deque
 
 import structlog
 
+from scheduler_service.in_flight_plans import InFlightPlans
 from scheduler_service.kv_cache_manager import KVCacheManager
 from scheduler_service.plan_encoder import PlanEncoder
 from scheduler_service.preemption_policy import PreemptionMode, PreemptionPolicy, TransferSpeeds
@@ -69,9 +70,7 @@ class Scheduler:
         self._sequences: dict[SequenceId, Sequence] = {}
         self._last_arrival_index: int | None = None
         self._finished_ids_to_send: list[SequenceId] = []
-        # Per plan in flight, oldest first: its step id and, per scheduled sequence still live and not
-        # preempted since, whether the step samples a token for it.
-        self._in_flight: deque[tuple[int, dict[SequenceId, bool]]] = deque()
+        self._in_flight = InFlightPlans()
 
     @property
     def num_running(self) -> int:
@@ -203,7 +202,7 @@ class Scheduler:
             seq.num_computed_tokens = end
             samples[sid] = end == seq.num_tokens_with_placeholders
             seq.num_output_placeholders += samples[sid]
-        self._in_flight.append((plan.step_id, samples))
+        self._in_flight.append(plan.step_id, samples)
         return plan
 
     def _num_tokens_limit(self, seq: Sequence) -> int:
@@ -335,7 +334,7 @@ class Scheduler:
         kv.free(victim.sequence_id)
         victim.num_preemptions += 1
         self.waiting.appendleft(victim)
-        self._forget_in_flight(victim.sequence_id)
+        self._in_flight.forget(victim.sequence_id)
 
     def apply_result(self, result: StepResult) -> list[SequenceOutput]:
         """Append the sampled tokens of the oldest plan in flight; return the outputs that carry tokens.
@@ -344,10 +343,8 @@ class Scheduler:
         plans in flight, a sequence that stopped still has the step after its stop computed). Raises
         StepRejected when the executor rejected the plan.
         """
-        assert self._in_flight, f"result for step {result.step_id} arrived with no plan in flight"
-        step_id, samples = self._in_flight[0]
-        assert result.step_id == step_id, f"result for step {result.step_id}, expected step {step_id}"
-        self._in_flight.popleft()
+        step_id = result.step_id
+        samples = self._in_flight.pop_oldest(step_id)
         if result.error is not None:
             raise StepRejected(
                 f"executor rejected step {step_id} (status {result.error.code}): {result.error.message}"
@@ -392,7 +389,7 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.num_output_placeholders = 0
         del self._sequences[seq.sequence_id]
-        self._forget_in_flight(seq.sequence_id)
+        self._in_flight.forget(seq.sequence_id)
         if self.plan_encoder.knows(seq.sequence_id):
             self._finished_ids_to_send.append(seq.sequence_id)
 
@@ -424,9 +421,16 @@ class Scheduler:
         self._finished_ids_to_send.clear()
         self._in_flight.clear()
 
-    def _forget_in_flight(self, sequence_id: SequenceId) -> None:
-        for _, samples in self._in_flight:
-            samples.pop(sequence_id, None)
+    def evacuate(self) -> list[Sequence]:
+        """Hand every live sequence over, in arrival order (the executor is gone): each leaves this
+        scheduler waiting, with nothing computed and no block held (`reset_executor_state`), keeping
+        its output tokens, so that another scheduler adds it like a new one and recomputes prompt and
+        outputs, exactly as after a recompute preemption."""
+        self.reset_executor_state()
+        sequences = list(self.waiting)
+        self.waiting.clear()
+        self._sequences.clear()
+        return sequences
 
     def check_integrity(self) -> None:
         kv = self.kv_cache_manager
@@ -443,10 +447,7 @@ class Scheduler:
         for queue in (self.running, self.waiting):
             arrivals = [seq.arrival_index for seq in queue]
             assert arrivals == sorted(arrivals), f"queue out of arrival order: {arrivals}"
-        num_tokens_in_flight: dict[SequenceId, int] = {}
-        for _, samples in self._in_flight:
-            for sequence_id, sampled in samples.items():
-                num_tokens_in_flight[sequence_id] = num_tokens_in_flight.get(sequence_id, 0) + sampled
+        num_tokens_in_flight = self._in_flight.num_tokens_sampled()
         for seq in self.running:
             assert seq.status is SequenceStatus.RUNNING
             assert 0 < seq.num_computed_tokens <= seq.num_tokens_with_placeholders

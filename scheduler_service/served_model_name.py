@@ -9,4 +9,4 @@ def served_model_name(engine: Engine) -> str | None:
     """None while no executor has described its model and no name was configured."""
     if engine.config.served_model_name:
         return engine.config.served_model_name
-    return engine.description.model_name if engine.description is not None else None
+    return engine.model.model_name if engine.model is not None else None

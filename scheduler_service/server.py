@@ -19,6 +19,7 @@ from scheduler_service.auth_interceptor import AuthInterceptor
 from scheduler_service.engine import Engine
 from scheduler_service.engine_config import EngineConfig
 from scheduler_service.error_interceptor import ErrorInterceptor
+from scheduler_service.grpc_server_options import grpc_server_options
 from scheduler_service.http.http_server import HttpServer
 from scheduler_service.http.openai_app import create_app
 from scheduler_service.metrics.engine_metrics import EngineMetrics
@@ -51,7 +52,7 @@ async def serve(
     interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
     if config.api_key:
         interceptors.insert(0, AuthInterceptor(config.api_key))
-    server = grpc.aio.server(interceptors=interceptors)
+    server = grpc.aio.server(interceptors=interceptors, options=grpc_server_options(config))
     health_servicer = health.aio.HealthServicer()
 
     def on_ready_change(ready: bool) -> None:
@@ -62,7 +63,7 @@ async def serve(
     metrics = EngineMetrics(
         registry,
         model_name=lambda: served_model_name(engine),
-        max_model_len=lambda: engine.scheduler.config.max_model_len if engine.scheduler is not None else None,
+        max_model_len=lambda: engine.model.max_model_len if engine.model is not None else None,
     )
     engine = Engine(config, on_ready_change, observer=metrics)
     registry.register(SchedulerCollector(engine))
@@ -81,7 +82,7 @@ async def serve(
         await http_server.start()
     await server.start()
     engine.start()
-    log.info("scheduler_listening", address=address, executor=config.executor_address)
+    log.info("scheduler_listening", address=address, executors=list(config.executor_addresses))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from scheduler_service.engine import Engine
+from scheduler_service.replica_status import ReplicaStatus
 from scheduler_service.request_intake import ChatTurn, RequestIntake
 from scheduler_service.request_state import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, RequestDelta
 from shared.pb.pagewire.v1 import generate_pb2 as pb
@@ -109,30 +110,51 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
         engine = self.engine
         info = pb.ServerInfo(executor_ready=engine.is_ready)
-        description, scheduler = engine.description, engine.scheduler
-        if description is not None and scheduler is not None:
-            pool = scheduler.kv_cache_manager.block_pool
-            counters = scheduler.counters
-            info.model_name = description.model_name
-            info.max_model_len = scheduler.config.max_model_len
-            info.block_size = description.block_size
-            info.num_device_blocks = description.num_device_blocks
-            info.num_free_device_blocks = pool.num_free_blocks
-            info.num_host_blocks = description.num_host_blocks
-            info.num_running = scheduler.num_running
-            info.num_waiting = scheduler.num_waiting
-            info.num_preemptions = counters.num_preemptions
-            info.num_prompt_tokens_computed = counters.num_prompt_tokens_computed
-            info.num_prompt_tokens_cached = counters.num_prompt_tokens_cached
-            info.num_cached_device_blocks = pool.num_cached_blocks
-            info.num_free_cached_device_blocks = pool.num_free_cached_blocks()
-            info.num_free_host_blocks = scheduler.swap_space.num_free_blocks
-            info.num_swapped = scheduler.num_swapped
-            info.num_preemptions_recompute = counters.num_preemptions_recompute
-            info.num_preemptions_swap = counters.num_preemptions_swap
-            info.num_blocks_swapped_out = counters.num_blocks_swapped_out
-            info.num_blocks_swapped_in = counters.num_blocks_swapped_in
-            info.num_tokens_recomputed = counters.num_tokens_recomputed
-            info.vocab_size = description.vocab_size
-            info.executor_device = description.device
+        model, total = engine.model, engine.totals()
+        info.executors.extend(executor_status_to_pb(status) for status in engine.statuses())
+        if model is None:
+            return info
+        counters = total.counters
+        info.model_name = model.model_name
+        info.max_model_len = model.max_model_len
+        info.vocab_size = model.vocab_size
+        info.block_size = total.block_size
+        info.executor_device = total.device
+        info.num_device_blocks = total.num_device_blocks
+        info.num_free_device_blocks = total.num_free_device_blocks
+        info.num_host_blocks = total.num_host_blocks
+        info.num_running = total.num_running
+        info.num_waiting = total.num_waiting
+        info.num_preemptions = counters.num_preemptions
+        info.num_prompt_tokens_computed = counters.num_prompt_tokens_computed
+        info.num_prompt_tokens_cached = counters.num_prompt_tokens_cached
+        info.num_cached_device_blocks = total.num_cached_device_blocks
+        info.num_free_cached_device_blocks = total.num_free_cached_device_blocks
+        info.num_free_host_blocks = total.num_free_host_blocks
+        info.num_swapped = total.num_swapped
+        info.num_preemptions_recompute = counters.num_preemptions_recompute
+        info.num_preemptions_swap = counters.num_preemptions_swap
+        info.num_blocks_swapped_out = counters.num_blocks_swapped_out
+        info.num_blocks_swapped_in = counters.num_blocks_swapped_in
+        info.num_tokens_recomputed = counters.num_tokens_recomputed
         return info
+
+    async def DrainExecutor(
+        self, request: pb.DrainExecutorRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExecutorStatus:
+        return executor_status_to_pb(self.engine.drain(request.address))
+
+
+def executor_status_to_pb(status: ReplicaStatus) -> pb.ExecutorStatus:
+    return pb.ExecutorStatus(
+        address=status.address,
+        ready=status.is_ready and not status.is_draining,
+        draining=status.is_draining,
+        device=status.device,
+        num_running=status.num_running,
+        num_waiting=status.num_waiting,
+        num_device_blocks=status.num_device_blocks,
+        num_free_device_blocks=status.num_free_device_blocks,
+        num_prompt_tokens_cached=status.counters.num_prompt_tokens_cached,
+        num_requests_placed=status.num_requests_placed,
+    )

@@ -8,6 +8,7 @@ from torch import nn
 
 from executor_service.attention_metadata import AttentionMetadata
 from executor_service.model.config import ModelConfig
+from executor_service.model.invariant_linear import invariant_linear, pack_weight, uses_onednn
 from executor_service.model.rope import RotaryEmbedding
 from executor_service.ops.base import OpsBackend
 
@@ -18,7 +19,8 @@ def _empty_parameter(*shape: int, dtype: torch.dtype, device: torch.device | str
 
 
 class Linear(nn.Module):
-    """`y = x W^T (+ b)` with an uninitialised weight `[out_features, in_features]`."""
+    """`y = x W^T (+ b)` with an uninitialised weight `[out_features, in_features]`; rows are
+    computed independently of each other (`invariant_linear`)."""
 
     def __init__(
         self,
@@ -31,9 +33,26 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = _empty_parameter(out_features, in_features, dtype=dtype, device=device)
         self.bias = _empty_parameter(out_features, dtype=dtype, device=device) if bias else None
+        self._packed = PackedWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return invariant_linear(x, self.weight, self.bias, self._packed.get(self.weight))
+
+
+class PackedWeight:
+    """A weight's oneDNN-packed copy, made on first use and remade whenever the weight is written."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._packed: torch.Tensor | None = None
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor | None:
+        if not uses_onednn(weight):
+            return None
+        key = (weight.data_ptr(), weight._version)
+        if key != self._key:
+            self._packed, self._key = pack_weight(weight), key
+        return self._packed
 
 
 class Embedding(nn.Module):
@@ -178,6 +197,7 @@ class LlamaForCausalLM(nn.Module):
             DecoderLayer(config, ops, self.rope, dtype, device) for _ in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self._packed_lm_head = PackedWeight()
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -205,4 +225,4 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits `[N, vocab]` for hidden states `[N, hidden]` (the rows to sample from)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return invariant_linear(hidden, weight, None, self._packed_lm_head.get(weight)).float()

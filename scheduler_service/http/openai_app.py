@@ -231,10 +231,9 @@ class OpenAIServing:
     def models(self) -> dict[str, Any]:
         name = self.model_name(None)
         data: dict[str, Any] = {"id": name, "object": "model", "created": self.created, "owned_by": "pagewire"}
-        if self.engine.description is not None:
-            data["root"] = self.engine.description.model_path
-        if self.engine.scheduler is not None:
-            data["max_model_len"] = self.engine.scheduler.config.max_model_len
+        if self.engine.model is not None:
+            data["root"] = self.engine.model.model_path
+            data["max_model_len"] = self.engine.model.max_model_len
         return {"object": "list", "data": [data]}
 
 

@@ -13,10 +13,11 @@ from scheduler_service.served_model_name import served_model_name
 
 
 class SchedulerCollector(Collector):
-    """Reads the engine's scheduler and executor client on every scrape (nothing to keep in step).
+    """Reads the engine's replicas on every scrape (nothing to keep in step); with several executors
+    every value is the sum over them.
 
-    The counters are the scheduler's cumulative `SchedulerCounters`; they start again from 0 when a
-    different executor (another cache geometry) makes the engine build a new scheduler, which
+    The counters are the schedulers' cumulative `SchedulerCounters`; an executor's start again from 0
+    when it comes back with another cache geometry and its replica builds a new scheduler, which
     Prometheus' `rate()` reads as a counter reset. Prefix-cache queries and hits count tokens, as in
     vLLM: hits are prompt tokens served from the cache at admission, queries those plus the prompt
     tokens computed. Nothing is reported before an executor described its model.
@@ -27,12 +28,12 @@ class SchedulerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         engine = self.engine
-        model_name, scheduler = served_model_name(engine), engine.scheduler
-        if model_name is None or scheduler is None:
+        model_name = served_model_name(engine)
+        if model_name is None or engine.model is None:
             return
         labels = [model_name, ENGINE_INDEX]
-        pool = scheduler.kv_cache_manager.block_pool
-        counters = scheduler.counters
+        total = engine.totals()
+        counters = total.counters
 
         def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
             family = GaugeMetricFamily(name, documentation, labels=LABELS)
@@ -44,11 +45,11 @@ class SchedulerCollector(Collector):
             family.add_metric(labels, value)
             return family
 
-        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.", scheduler.num_running)
-        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", scheduler.num_waiting)
+        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.", total.num_running)
+        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", total.num_waiting)
         yield gauge(
             "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
-            pool.num_used_blocks / pool.num_blocks if pool.num_blocks else 0.0,
+            total.num_used_device_blocks / total.num_device_blocks if total.num_device_blocks else 0.0,
         )
         yield counter(
             "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
@@ -81,7 +82,7 @@ class SchedulerCollector(Collector):
         )
         yield counter(
             "pagewire:plan_bytes", "Encoded bytes of the step plans sent to the executor.",
-            engine.client.num_plan_bytes_sent,
+            total.num_plan_bytes_sent,
         )
-        yield gauge("pagewire:num_requests_swapped", "Requests whose KV sits in the host swap pool.", scheduler.num_swapped)
-        yield gauge("pagewire:num_free_device_blocks", "Device KV blocks no sequence holds.", pool.num_free_blocks)
+        yield gauge("pagewire:num_requests_swapped", "Requests whose KV sits in the host swap pool.", total.num_swapped)
+        yield gauge("pagewire:num_free_device_blocks", "Device KV blocks no sequence holds.", total.num_free_device_blocks)

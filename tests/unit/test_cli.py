@@ -60,7 +60,9 @@ def test_every_flag_of_every_subcommand_has_help_that_shows_its_default() -> Non
 def test_service_flags_default_to_the_config_dataclasses() -> None:
     """One source per setting: parsing no flags gives exactly the dataclass defaults."""
     scheduler = build_parser().parse_args(["scheduler", "--executor", "h:1"])
-    assert config_from_args(EngineConfig, scheduler) == EngineConfig(executor_address="h:1")
+    assert config_from_args(EngineConfig, scheduler) == EngineConfig(executor_addresses=("h:1",))
+    many = build_parser().parse_args(["scheduler", "--executor", "h:1", "--executor", "dns:///executor:50061"])
+    assert config_from_args(EngineConfig, many).executor_addresses == ("h:1", "dns:///executor:50061")
     executor = build_parser().parse_args(["executor"])
     assert config_from_args(ExecutorConfig, executor, skip=("model_dir",), model_dir="m") == ExecutorConfig("m")
     flagged = {f.name for f in dataclasses.fields(EngineConfig)}
@@ -129,7 +131,7 @@ def test_serve_gives_its_executor_the_schedulers_batch_limits_and_every_executor
         "--seed", "7", "--device", "cpu", "--block-size", "32", "--attention-backend", "torch",
     ])
     engine_config, executor_config = serve_configs(args)
-    assert (engine_config.max_num_seqs, engine_config.executor_address) == (512, "127.0.0.1:50999")
+    assert (engine_config.max_num_seqs, engine_config.executor_addresses) == (512, ("127.0.0.1:50999",))
     assert executor_config == ExecutorConfig(
         model_dir=str(tmp_path), port=50999, max_num_seqs=512, max_num_batched_tokens=4096,
         kv_cache_memory_bytes=1024**3, dtype="float32", num_threads=2, seed=7, device="cpu", block_size=32,

@@ -21,6 +21,7 @@ import yaml
 from executor_service.tiny_model import create_tiny_model
 from shared.child_process import stop_child
 from pagewire.cli import build_parser
+from scheduler_service.executor_discovery import ExecutorTarget
 from tests.helpers.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -230,9 +231,39 @@ def test_cpu_override_drops_the_gpu_and_runs_on_the_cpu(base: dict, cpu: dict) -
     for service in (executor, scheduler):
         assert service["build"] == {"context": ".", "dockerfile": "Dockerfile", "args": cpu_args}
         assert service["image"] == "pagewire:cpu"
-    assert scheduler["command"] == base["services"]["scheduler"]["command"]
+    base_scheduler = base["services"]["scheduler"]["command"]
+    at = base_scheduler.index("--executor") + 1
+    assert scheduler["command"] == [*base_scheduler[:at], "dns:///executor:50061", *base_scheduler[at + 1:]]
     assert executor["healthcheck"] == base["services"]["executor"]["healthcheck"]
     assert scheduler["depends_on"] == {"executor": {"condition": "service_healthy"}}
+
+
+def test_cpu_override_scales_executors_with_compose_through_dns(cpu: dict) -> None:
+    """`up --scale executor=3`: replicas must not collide (no fixed name, host port or hostname), and the
+    scheduler must drive every address the service name resolves to, on the port the executors serve."""
+    executor, scheduler = cpu["services"]["executor"], cpu["services"]["scheduler"]
+    for collides in ("container_name", "ports", "hostname"):
+        assert collides not in executor, f"{collides} would make `--scale executor=N` fail"
+    scheduler_args = build_parser().parse_args(scheduler["command"])
+    target = ExecutorTarget.parse(scheduler_args.executor_addresses[0])
+    assert len(scheduler_args.executor_addresses) == 1
+    executor_port = int(option(executor["command"], "--port"))
+    assert (target.is_dns, target.host, target.port) == (True, "executor", executor_port)
+    assert executor["expose"] == [str(target.port)]
+    # The replicas share the models volume, as the scheduler reads the tokenizer from it.
+    assert executor["volumes"][0].split(":")[0] == scheduler["volumes"][0].split(":")[0]
+
+
+def test_gpu_compose_keeps_one_executor_per_gpu_and_documents_device_ids(base: dict) -> None:
+    """compose cannot give replicas of one service distinct GPUs: the GPU file keeps one reserved device
+    per executor service and says how to add one service per GPU."""
+    text = BASE_FILE.read_text()
+    assert 'device_ids: ["1"]' in text
+    assert "--scale executor=N` would put every replica on the same GPU" in text
+    for service in base["services"].values():
+        reservations = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+        for device in reservations.get("devices", []):
+            assert device.get("count") == 1 or len(device.get("device_ids", [])) == 1
 
 
 def test_build_args_exist_in_the_dockerfile_and_torch_matches_the_makefile(
@@ -279,6 +310,7 @@ def test_docker_compose_config_accepts_the_base_and_the_cpu_override() -> None:
     ]
     assert "deploy" not in rendered[2]["executor"]
     assert rendered[2]["executor"]["command"][-2:] == ["--device", "cpu"]
+    assert option(rendered[2]["scheduler"]["command"], "--executor") == "dns:///executor:50061"
     assert rendered[2]["scheduler"]["depends_on"]["executor"]["condition"] == "service_healthy"
 
 

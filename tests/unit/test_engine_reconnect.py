@@ -1,4 +1,4 @@
-"""What the engine keeps and what it takes anew when its executor comes back (no services: `_prepare`)."""
+"""What an executor replica keeps and what it takes anew when its executor comes back (no services: `_prepare`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 from executor_service.tiny_model import create_tiny_model
 from scheduler_service.engine import Engine
 from scheduler_service.engine_config import EngineConfig
+from scheduler_service.engine_observer import EngineObserver
 from scheduler_service.executor_description import ExecutorDescription
+from scheduler_service.executor_replica import ExecutorReplica
 
 
 @pytest.fixture(scope="module")
@@ -36,32 +38,49 @@ def description(tmp_path_factory: pytest.TempPathFactory) -> ExecutorDescription
     )
 
 
-def connected(engine: Engine, description: ExecutorDescription) -> None:
-    engine._prepare(description)
-    engine.description = description
+def make_replica() -> ExecutorReplica:
+    config = EngineConfig(executor_addresses=("127.0.0.1:1",))
+    return ExecutorReplica("127.0.0.1:1", config, Engine(config), EngineObserver())
+
+
+def connected(replica: ExecutorReplica, description: ExecutorDescription) -> None:
+    replica._prepare(description)
+    replica.description = description
 
 
 def test_a_restarted_executor_of_the_same_geometry_keeps_the_scheduler_but_not_the_old_speeds(description):
-    engine = Engine(EngineConfig(executor_address="127.0.0.1:1"))
-    connected(engine, description)
-    scheduler = engine.scheduler
+    replica = make_replica()
+    connected(replica, description)
+    scheduler = replica.scheduler
     assert scheduler is not None
     assert scheduler.preemption_policy.speeds == description.transfer_speeds
 
     slower = dataclasses.replace(description, swap_out_bytes_per_second=1e8, prefill_tokens_per_second=9_000.0)
-    connected(engine, slower)
-    assert engine.scheduler is scheduler
+    connected(replica, slower)
+    assert replica.scheduler is scheduler
     assert scheduler.preemption_policy.speeds == slower.transfer_speeds
     assert scheduler.preemption_policy.recompute_seconds(9_000) == pytest.approx(1.0)
 
 
 def test_an_executor_of_another_geometry_gets_a_new_scheduler(description):
-    engine = Engine(EngineConfig(executor_address="127.0.0.1:1"))
-    connected(engine, description)
-    first = engine.scheduler
+    replica = make_replica()
+    connected(replica, description)
+    first = replica.scheduler
     bigger = dataclasses.replace(description, num_device_blocks=128, swap_in_bytes_per_second=1e9)
-    connected(engine, bigger)
-    assert engine.scheduler is not first
-    assert engine.scheduler is not None
-    assert engine.scheduler.kv_cache_manager.block_pool.num_blocks == 128
-    assert engine.scheduler.preemption_policy.speeds == bigger.transfer_speeds
+    connected(replica, bigger)
+    assert replica.scheduler is not first
+    assert replica.scheduler is not None
+    assert replica.scheduler.kv_cache_manager.block_pool.num_blocks == 128
+    assert replica.scheduler.preemption_policy.speeds == bigger.transfer_speeds
+
+
+def test_an_executor_of_another_model_is_refused_and_the_same_model_accepted(description):
+    engine = Engine(EngineConfig(executor_addresses=("127.0.0.1:1", "127.0.0.1:2")))
+    replica = make_replica()
+    engine.accept(replica, description)
+    assert engine.model is not None and engine.model.vocab_size == 260
+    engine.accept(replica, dataclasses.replace(description, num_device_blocks=7, device="cuda:1"))
+    with pytest.raises(ValueError, match="executor 127.0.0.1:1 serves another model: it serves"):
+        engine.accept(replica, dataclasses.replace(description, vocab_size=300))
+    with pytest.raises(ValueError, match="its model is 256 tokens long, the scheduler serves 512"):
+        engine.accept(replica, dataclasses.replace(description, max_model_len=256))

@@ -1,0 +1,77 @@
+"""Which scheduler owns this executor: one at a time, so two schedulers never drive one persistent batch.
+
+The owner holds the lease while its Step stream is open and for `lease_seconds` after the stream ends,
+so a scheduler that restarts (or reconnects after a network blip) with the same id gets its executor back
+first. An owner that dies stops answering HTTP/2 keepalive pings; its stream ends, and once the grace
+period has passed any scheduler may take the executor. A client that sends no scheduler id (a tool,
+a test driving the stream by hand) is the anonymous owner "": it may take a free executor and keeps no
+lease once its stream ends.
+"""
+
+from __future__ import annotations
+
+from shared.errors import FailedPrecondition
+
+ANONYMOUS_ID = ""
+
+
+class ExecutorLease:
+    """The current owner, its stream's epoch and when that stream ended. Times are `time.monotonic()`
+    seconds passed in by the caller, so the rules are plain, deterministic code.
+
+    Invariant: `epoch` counts accepted streams; only the stream of the current epoch may run plans.
+    """
+
+    def __init__(self, lease_seconds: float) -> None:
+        self.lease_seconds = lease_seconds
+        self.owner_id: str | None = None
+        self.epoch = 0
+        self.is_stream_open = False
+        self.released_at = 0.0
+
+    def holder(self, now: float) -> str | None:
+        """The scheduler id that holds the lease at `now`; None when any scheduler may take it."""
+        if self.owner_id is None or self.is_stream_open:
+            return self.owner_id
+        if self.owner_id == ANONYMOUS_ID or now - self.released_at >= self.lease_seconds:
+            return None
+        return self.owner_id
+
+    def check(self, scheduler_id: str, now: float) -> None:
+        """Raises FailedPrecondition naming the owner when `scheduler_id` may not drive this executor now."""
+        holder = self.holder(now)
+        if holder is None or holder == scheduler_id:
+            return
+        owner = "an anonymous client" if holder == ANONYMOUS_ID else f"scheduler {holder!r}"
+        if self.is_stream_open:
+            held = "its Step stream is open"
+        else:
+            held = f"its lease lasts {self.lease_seconds - (now - self.released_at):.1f} s more"
+        raise FailedPrecondition(
+            f"this executor is owned by {owner} ({held}); point this scheduler at another executor, or "
+            f"start it with --scheduler-id {holder} if it replaces that scheduler"
+        )
+
+    def open_stream(self, scheduler_id: str, now: float) -> int:
+        """Takes the lease for a new stream of `scheduler_id` and returns its epoch. The owner's own older
+        stream, if still open, is superseded (its next plan is refused)."""
+        self.check(scheduler_id, now)
+        self.owner_id = scheduler_id
+        self.epoch += 1
+        self.is_stream_open = True
+        return self.epoch
+
+    def is_current(self, epoch: int) -> bool:
+        return epoch == self.epoch
+
+    def close_stream(self, epoch: int, now: float) -> bool:
+        """Records the end of stream `epoch`; True when it was the current one (the grace period starts
+        and its persistent batch is to be dropped), False for a superseded stream.
+
+        A clean goodbye and a crash look the same here: grpc ends the request stream normally when the
+        scheduler's connection drops, so the grace period always applies."""
+        if not self.is_current(epoch):
+            return False
+        self.is_stream_open = False
+        self.released_at = now
+        return True

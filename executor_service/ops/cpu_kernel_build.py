@@ -1,0 +1,47 @@
+"""Builds (once per machine, cached on disk) and loads the CPU paged-attention kernel."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import shutil
+from types import ModuleType
+
+import structlog
+
+from executor_service.ops.cpu_kernel_source import CPP_SOURCE
+
+log = structlog.get_logger(__name__)
+
+
+class CpuKernelUnavailable(RuntimeError):
+    """The kernel cannot be built here (no C++ compiler or ninja); callers fall back to torch ops."""
+
+
+@functools.cache
+def load_cpu_kernels() -> ModuleType:
+    """The compiled module with `paged_attention(...)`; raises CpuKernelUnavailable if it cannot build.
+
+    The module name carries a hash of the source and the torch version, so an edited kernel or another
+    torch never loads a stale build from torch's extension cache (`TORCH_EXTENSIONS_DIR`, default
+    `~/.cache/torch_extensions`).
+    """
+    missing = [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
+    if missing:
+        raise CpuKernelUnavailable(f"building the CPU attention kernel needs {' and '.join(missing)} on PATH")
+    from torch.utils.cpp_extension import load_inline
+
+    import torch
+
+    digest = hashlib.sha256(f"{torch.__version__}\n{CPP_SOURCE}".encode()).hexdigest()[:12]
+    try:
+        return load_inline(
+            name=f"pagewire_cpu_attention_{digest}",
+            cpp_sources=[CPP_SOURCE],
+            functions=["paged_attention"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as error:  # noqa: BLE001 (a compiler failure of any kind means: fall back)
+        raise CpuKernelUnavailable(f"building the CPU attention kernel failed: {error}") from error
