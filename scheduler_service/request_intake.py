@@ -7,6 +7,7 @@ sampling parameters, NotFound for an unknown adapter, ResourceExhausted when the
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from scheduler_service.chat_template import ChatTemplate, ChatTurn
@@ -15,6 +16,7 @@ from scheduler_service.request_state import RequestState
 from scheduler_service.served_model import ServedModel
 from scheduler_service.tokenizer import Tokenizer
 from shared.errors import InvalidArgument, NotFound, Unavailable
+from shared.request_limits import validate_prompt_bytes, validate_request_fields
 from shared.sampling_params import SamplingParams, validate_sampling_params
 
 __all__ = ["ChatTurn", "RequestIntake"]
@@ -29,6 +31,21 @@ class RequestIntake:
         # One Tokenizer per served model; its template is compiled once.
         self._compiled_for: Tokenizer | None = None
         self._chat_template: ChatTemplate | None = None
+        self._bytes_per_token_of: Tokenizer | None = None
+        self._bytes_per_token = 0
+
+    async def prompt_from_text_async(self, text: str) -> tuple[int, ...]:
+        """`prompt_from_text` in a worker thread, after refusing text too long to fit max_model_len
+        tokens (so neither tokenizing nor an oversized prompt holds up the event loop)."""
+        self._check_prompt_bytes(len(text.encode("utf-8", "surrogatepass")))
+        return await asyncio.to_thread(self.prompt_from_text, text)
+
+    async def prompt_from_messages_async(self, messages: Sequence[ChatTurn]) -> tuple[int, ...]:
+        """`prompt_from_messages` (template rendering and tokenizing) in a worker thread, after refusing
+        messages whose contents alone are too long to fit max_model_len tokens."""
+        self._check_prompt_bytes(sum(len(m.content.encode("utf-8", "surrogatepass")) for m in messages))
+        self._template()  # compiled here, once, so that worker threads only render
+        return await asyncio.to_thread(self.prompt_from_messages, messages)
 
     def prompt_from_text(self, text: str) -> tuple[int, ...]:
         """The token ids of `text`, with the special tokens HF's `tokenizer(text)` adds."""
@@ -66,6 +83,7 @@ class RequestIntake:
         """Checks `params` against the executor's facts and queues the request; the caller must
         `engine.abort(state)` when its client goes away before the request finishes."""
         model = self._ready()
+        validate_request_fields(request_id, cache_salt)
         if adapter:
             raise NotFound(f"unknown adapter {adapter!r}: no LoRA adapters are loaded")
         validate_sampling_params(
@@ -84,12 +102,27 @@ class RequestIntake:
             raise Unavailable("the scheduler is not connected to a ready executor; retry shortly")
         return model
 
+    def _check_prompt_bytes(self, num_bytes: int) -> None:
+        model = self._ready()
+        tokenizer = model.tokenizer
+        if self._bytes_per_token_of is not tokenizer:
+            self._bytes_per_token = _longest_entry_bytes(tokenizer)
+            self._bytes_per_token_of = tokenizer
+        validate_prompt_bytes(num_bytes, model.max_model_len, self._bytes_per_token)
+
     def _template(self) -> ChatTemplate:
         tokenizer = self._ready().tokenizer
         if self._compiled_for is not tokenizer or self._chat_template is None:
             self._chat_template = ChatTemplate.from_tokenizer(tokenizer)
             self._compiled_for = tokenizer
         return self._chat_template
+
+
+def _longest_entry_bytes(tokenizer: Tokenizer) -> int:
+    """The UTF-8 length of the vocabulary's longest entry: no token covers more input bytes than that
+    (byte-level entries spell each byte as one character of 1-2 bytes; "<0x41>"-style entries overcount)."""
+    entries = (tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size))
+    return max((len(entry.encode("utf-8")) for entry in entries if entry is not None), default=1)
 
 
 def _non_empty(ids: tuple[int, ...]) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from scheduler_service.auth_interceptor import AuthInterceptor
+from scheduler_service.decode_error_interceptor import DecodeErrorInterceptor
 from scheduler_service.engine import Engine
 from scheduler_service.engine_config import EngineConfig
 from scheduler_service.error_interceptor import ErrorInterceptor
@@ -49,7 +50,8 @@ async def serve(
     process runs); `pagewire.v1.Generation` is readiness (SERVING while connected to a ready executor).
     Raises ValueError, after shutting down, when the first executor cannot serve these settings."""
     config = with_env_api_key(config)
-    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+    # Innermost last: DecodeErrorInterceptor's deserializer is the one grpc runs.
+    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(), DecodeErrorInterceptor()]
     if config.api_key:
         interceptors.insert(0, AuthInterceptor(config.api_key))
     server = grpc.aio.server(interceptors=interceptors, options=grpc_server_options(config))

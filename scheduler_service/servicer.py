@@ -72,22 +72,23 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.engine = engine
         self.intake = RequestIntake(engine)
 
-    def _prompt_token_ids(self, request: pb.GenerateRequest) -> tuple[int, ...]:
+    async def _prompt_token_ids(self, request: pb.GenerateRequest) -> tuple[int, ...]:
+        """Text and messages are length-checked, then rendered and tokenized off the event loop."""
         intake = self.intake
         kind = request.WhichOneof("input")
         if kind == "text":
-            return intake.prompt_from_text(request.text)
+            return await intake.prompt_from_text_async(request.text)
         if kind == "token_ids":
             return intake.prompt_from_token_ids(request.token_ids.ids)
         if kind == "messages":
-            return intake.prompt_from_messages(chat_turns_from_pb(request.messages))
+            return await intake.prompt_from_messages_async(chat_turns_from_pb(request.messages))
         return intake.prompt_from_token_ids(())
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         engine = self.engine
-        prompt = self._prompt_token_ids(request)
+        prompt = await self._prompt_token_ids(request)
         state = self.intake.submit(
             prompt,
             sampling_params_from_pb(request.sampling),

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from shared.errors import InvalidArgument
+from shared.request_limits import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from shared.step_plan import SamplingOptions
 
 MAX_PENALTY = 2.0
@@ -35,7 +36,8 @@ class SamplingParams:
     logprobs: int | None = None
 
     def to_options(self, eos_token_ids: tuple[int, ...]) -> SamplingOptions:
-        """The executor's view: min_tokens bans EOS (unless ignored) and the stop token ids."""
+        """The executor's view: before `min_tokens` output tokens, the stop token ids and EOS are banned;
+        with `ignore_eos` EOS is not banned (it may be sampled and never stops the request), as in vLLM."""
         banned = tuple(dict.fromkeys((() if self.ignore_eos else eos_token_ids) + self.stop_token_ids))
         return SamplingOptions(
             temperature=self.temperature,
@@ -90,22 +92,38 @@ def validate_sampling_params(
 ) -> None:
     """The API boundary check of one request; raises InvalidArgument saying what to change."""
     validate_sampling_options(params.to_options(()), vocab_size, max_logprobs)
+    _require(
+        num_prompt_tokens < max_model_len,
+        f"the prompt has {num_prompt_tokens} tokens, which leaves no room for output under max_model_len "
+        f"({max_model_len}); shorten the prompt to at most {max_model_len - 1} tokens",
+    )
+    room = max_model_len - num_prompt_tokens
     if params.max_tokens is not None:
         _require(params.max_tokens >= 1, f"max_tokens must be >= 1, got {params.max_tokens}")
         _require(
-            num_prompt_tokens + params.max_tokens <= max_model_len,
+            params.max_tokens <= room,
             f"prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
-            f"({max_model_len}); lower max_tokens to at most {max(max_model_len - num_prompt_tokens, 0)} or "
-            "shorten the prompt",
+            f"({max_model_len}); lower max_tokens to at most {room} or shorten the prompt",
         )
         _require(
             params.min_tokens <= params.max_tokens,
             f"min_tokens ({params.min_tokens}) must not exceed max_tokens ({params.max_tokens})",
         )
     _require(
-        num_prompt_tokens < max_model_len,
-        f"the prompt has {num_prompt_tokens} tokens but max_model_len is {max_model_len}; shorten the prompt",
+        params.min_tokens <= room,
+        f"min_tokens ({params.min_tokens}) cannot be reached: the prompt ({num_prompt_tokens} tokens) leaves "
+        f"room for {room} output tokens under max_model_len ({max_model_len}); lower min_tokens to at most "
+        f"{room}",
     )
     bad = [i for i in params.stop_token_ids if not 0 <= i < vocab_size]
     _require(not bad, f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
     _require(all(s for s in params.stop), "stop strings must not be empty")
+    _require(
+        len(params.stop) <= MAX_STOP_STRINGS,
+        f"{len(params.stop)} stop strings given; send at most {MAX_STOP_STRINGS}",
+    )
+    longest = max((len(s) for s in params.stop), default=0)
+    _require(
+        longest <= MAX_STOP_STRING_CHARS,
+        f"a stop string has {longest} characters; each may have at most {MAX_STOP_STRING_CHARS}",
+    )

@@ -124,7 +124,9 @@ class OpenAIServing:
         model = self.model_name(body.model)
         params = completion_sampling_params(body)
         prompts = [
-            self.intake.prompt_from_text(p) if isinstance(p, str) else self.intake.prompt_from_token_ids(p)
+            await self.intake.prompt_from_text_async(p)
+            if isinstance(p, str)
+            else self.intake.prompt_from_token_ids(p)
             for p in completion_prompts(body)
         ]
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -146,7 +148,7 @@ class OpenAIServing:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         model = self.model_name(body.model)
         params = chat_sampling_params(body)
-        prompt = self.intake.prompt_from_messages(chat_turns(body))
+        prompt = await self.intake.prompt_from_messages_async(chat_turns(body))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = self.submit(request_id, [prompt], params, body.n)
         tokenizer, with_logprobs = self.tokenizer(), body.logprobs
