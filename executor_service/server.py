@@ -81,7 +81,10 @@ async def serve(config: ExecutorConfig, shutdown_grace_seconds: float = 1.0) -> 
         log.error("executor_load_failed", model=config.simulate or config.model_dir,
             error=f"{type(load_error).__name__}: {load_error}")
         stop_task.cancel()
-        await server.stop(0)
+        # A grace, not 0: RPCs already being handled (the scheduler's retried Describe and health checks)
+        # finish with their UNAVAILABLE instead of being cancelled mid-call, which grpc logs as tracebacks.
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(shutdown_grace_seconds)
         servicer.close()
         raise ValueError(f"cannot load the model {config.model_dir}: {load_error}") from load_error
     if load_task.done():
