@@ -11,6 +11,10 @@ from executor_service.calibration import MeasuredSpeeds, measure_prefill, measur
 from executor_service.executor_config import DEFAULT_CPU_KV_CACHE_BYTES, ExecutorConfig
 from executor_service.executor_info import ExecutorInfo
 from executor_service.kv_pool import KVGeometry, KVPool
+from executor_service.lora.adapter_host_cache import AdapterHostCache
+from executor_service.lora.lora_manager import LoraManager
+from executor_service.lora.lora_slots import LoraSlots
+from executor_service.model.config import ModelConfig
 from executor_service.model.dtype import resolve_dtype
 from executor_service.model.loader import open_checkpoint
 from executor_service.model_runner import ModelRunner
@@ -48,6 +52,16 @@ def _num_device_blocks(config: ExecutorConfig, geometry: KVGeometry, device: tor
             "raise --gpu-memory-utilization or --kv-cache-memory"
         )
     return num_blocks
+
+
+def _lora_manager(
+    config: ExecutorConfig, model_config: ModelConfig, dtype: torch.dtype, device: torch.device, ops: OpsBackend
+) -> LoraManager | None:
+    if not config.enable_lora:
+        return None
+    host_cache = AdapterHostCache(model_config, config.max_lora_rank, config.max_cpu_loras)
+    slots = LoraSlots(model_config, config.max_loras, config.max_lora_rank, dtype, device)
+    return LoraManager(host_cache, slots, ops)
 
 
 class Executor:
@@ -97,9 +111,11 @@ class Executor:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
             max_logprobs=config.max_logprobs,
+            max_loras=config.max_loras if config.enable_lora else 0,
         )
         sampler = Sampler(model_config.vocab_size, device, max_logprobs=config.max_logprobs, seed=config.seed)
-        runner = ModelRunner(model, kv_pool, sampler, limits, device)
+        lora = _lora_manager(config, model_config, dtype, device, ops)
+        runner = ModelRunner(model, kv_pool, sampler, limits, device, lora)
         swap_out, swap_in = measure_swap(kv_pool)
         prefill = measure_prefill(
             runner, min(512, config.max_num_batched_tokens, max_model_len), model_config.vocab_size
@@ -123,6 +139,8 @@ class Executor:
             max_num_seqs=config.max_num_seqs,
             max_logprobs=config.max_logprobs,
             max_model_len=max_model_len,
+            max_loras=limits.max_loras,
+            max_lora_rank=config.max_lora_rank if config.enable_lora else 0,
         )
         log.info(
             "executor_loaded",

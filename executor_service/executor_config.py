@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from shared.setting import parse_bytes, setting
 
+MAX_LORA_RANK_LIMIT = 256
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPS_BACKENDS = ("auto", "torch", "cpu", "cuda")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
@@ -62,6 +64,13 @@ class ExecutorConfig:
         30.0, help="on SIGTERM: health turns NOT_SERVING (no new work) and the Step stream is served until its "
         "scheduler closes it (no sequence left here) or this many seconds pass, then the executor exits",
     )
+    enable_lora: bool = setting(False, help="serve LoRA adapters (PEFT format) beside the base model")
+    max_loras: int = setting(4, help="LoRA: adapter slots on the device, i.e. most distinct adapters in one step")
+    max_lora_rank: int = setting(16, help=f"LoRA: largest adapter rank served (1 to {MAX_LORA_RANK_LIMIT})")
+    max_cpu_loras: int | None = setting(
+        None, help="LoRA: most adapters kept in the executor's host cache (a re-load from it reads no file)",
+        default_text="no count bound; at most 1 GiB of adapters",
+    )
     simulate: str | None = setting(
         None, metavar="PROFILE", help="serve no model: answer plans with deterministic tokens after the step "
         "time PROFILE models (a name in executor_service/simulation/profiles, e.g. h100_llama3_8b, or a JSON "
@@ -95,4 +104,10 @@ class ExecutorConfig:
             raise ValueError(f"--drain-timeout-seconds must be >= 0, got {self.drain_timeout_seconds}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"--num-threads must be at least 1, got {self.num_threads}")
+        if self.max_loras < 1:
+            raise ValueError(f"--max-loras must be at least 1, got {self.max_loras}")
+        if not 1 <= self.max_lora_rank <= MAX_LORA_RANK_LIMIT:
+            raise ValueError(f"--max-lora-rank must be in [1, {MAX_LORA_RANK_LIMIT}], got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < 1:
+            raise ValueError(f"--max-cpu-loras must be at least 1, got {self.max_cpu_loras}")
 

@@ -18,6 +18,7 @@ class DescribedModel(Protocol):
     num_kv_heads: int
     head_dim: int
     hidden_size: int
+    intermediate_size: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
 
@@ -47,6 +48,9 @@ class ExecutorInfo:
     max_num_seqs: int
     max_logprobs: int
     max_model_len: int
+    # LoRA slots on the device (0: LoRA off) and the largest adapter rank a slot holds.
+    max_loras: int = 0
+    max_lora_rank: int = 0
 
 
 class StepRunner(Protocol):

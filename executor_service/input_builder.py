@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 from executor_service.attention_metadata import AttentionMetadata
+from executor_service.lora.lora_segments import build_lora_segments
+from executor_service.ops.sgmv_segments import SgmvSegments
 from executor_service.persistent_batch import ScheduledSequence
 
 
@@ -21,6 +23,8 @@ class ModelInput:
     # Row of the last scheduled token of each sequence that samples this step, in schedule order.
     logits_indices: torch.Tensor  # [num_sampling_seqs] int64
     sampling_seq_indices: tuple[int, ...]
+    # Rows by LoRA slot; None when no scheduled sequence uses an adapter.
+    lora_segments: SgmvSegments | None = None
 
 
 def build_model_input(scheduled: list[ScheduledSequence], block_size: int, device: torch.device) -> ModelInput:
@@ -67,4 +71,7 @@ def build_model_input(scheduled: list[ScheduledSequence], block_size: int, devic
         metadata=metadata,
         logits_indices=to_device(np.asarray(logits_indices, dtype=np.int64), torch.int64),
         sampling_seq_indices=sampling_seq_indices,
+        lora_segments=build_lora_segments(
+            [s.state.lora_slot for s in scheduled], metadata.query_lens_cpu, device
+        ),
     )

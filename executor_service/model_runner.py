@@ -9,6 +9,7 @@ import torch
 
 from executor_service.input_builder import build_model_input
 from executor_service.kv_pool import KVPool
+from executor_service.lora.lora_manager import LoraManager, PreparedLoad
 from executor_service.model.llama import LlamaForCausalLM
 from executor_service.persistent_batch import BatchLimits, PersistentBatch, ScheduledSequence
 from executor_service.sampler import Sampler, SamplingRow
@@ -24,6 +25,8 @@ class ModelRunner:
     Contract: `execute` answers every plan. A plan that fails validation changes nothing and is
     answered with its error; an unexpected failure during execution is answered INTERNAL and the
     persistent batch is dropped, since it may be half-updated (the scheduler re-sends everything).
+    With `lora` (None: LoRA off), a plan's adapters are read before anything changes, so a broken
+    adapter rejects the plan, and are copied into their slots after the block ops, before the forward.
     """
 
     def __init__(
@@ -33,44 +36,61 @@ class ModelRunner:
         sampler: Sampler,
         limits: BatchLimits,
         device: torch.device,
+        lora: LoraManager | None = None,
     ) -> None:
+        num_slots = lora.max_loras if lora is not None else 0
+        if num_slots != limits.max_loras:
+            raise ValueError(f"limits allow {limits.max_loras} LoRA slots but the LoRA manager has {num_slots}")
         self.model = model
         self.kv_pool = kv_pool
         self.sampler = sampler
         self.batch = PersistentBatch(limits)
         self.device = device
+        self.lora = lora
 
     def reset(self) -> None:
         self.batch.reset()
+        if self.lora is not None:
+            self.lora.reset()
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         started = time.perf_counter()
         try:
             self.batch.validate(plan)
+            adapter_loads = self.lora.prepare(plan) if self.lora is not None else ()
         except PagewireError as error:
             log.warning("plan_rejected", step_id=plan.step_id, code=error.code.name, reason=str(error))
             return StepResult(step_id=plan.step_id, error=StepError(error.code.value[0], str(error)))
         try:
-            return self._execute_valid(plan, started)
+            return self._execute_valid(plan, adapter_loads, started)
         except Exception as error:  # noqa: BLE001 (answer the plan; the stream must not die)
             log.exception("step_failed", step_id=plan.step_id)
-            self.batch.reset()
+            self.reset()
             return StepResult(step_id=plan.step_id, error=StepError(13, f"step failed: {error!r}"))
 
-    def _execute_valid(self, plan: StepPlan, started: float) -> StepResult:
+    def _execute_valid(
+        self, plan: StepPlan, adapter_loads: tuple[PreparedLoad, ...], started: float
+    ) -> StepResult:
         scheduled = self.batch.apply(plan)
         block_ops_started = time.perf_counter()
         self.kv_pool.swap_out(plan.swap_out)
         self.kv_pool.swap_in(plan.swap_in)
         self.kv_pool.copy(plan.copy)
+        if self.lora is not None:
+            self.lora.load(adapter_loads)
         forward_started = time.perf_counter()
         sampled: dict[int, tuple[int, float | None, tuple[tuple[int, float], ...]]] = {}
         sample_seconds = 0.0
         if scheduled:
             model_input = build_model_input(scheduled, self.kv_pool.geometry.block_size, self.device)
+            lora = (
+                None if self.lora is None
+                else self.lora.batch(model_input.lora_segments, model_input.metadata.num_tokens)
+            )
             hidden = self.model(
-                model_input.input_ids, model_input.positions, self.kv_pool.device_caches, model_input.metadata
+                model_input.input_ids, model_input.positions, self.kv_pool.device_caches, model_input.metadata,
+                lora,
             )
             logits = self.model.compute_logits(hidden[model_input.logits_indices])
             sample_started = time.perf_counter()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.sampling_params import validate_sampling_options
-from shared.step_plan import BlockPairs, SamplingOptions, SequenceId, StepPlan
+from shared.step_plan import AdapterLoad, BlockPairs, SamplingOptions, SequenceId, StepPlan
 
 
 @dataclass(slots=True)
@@ -60,6 +60,8 @@ class BatchLimits:
     max_num_batched_tokens: int
     max_num_seqs: int
     max_logprobs: int
+    # LoRA slots on the device; 0: LoRA is off and a plan may carry no adapter load or slot.
+    max_loras: int = 0
 
 
 class PersistentBatch:
@@ -87,6 +89,7 @@ class PersistentBatch:
         self._validate_pairs("swap_out", plan.swap_out, limits.num_device_blocks, limits.num_host_blocks)
         self._validate_pairs("swap_in", plan.swap_in, limits.num_host_blocks, limits.num_device_blocks)
         self._validate_pairs("copy", plan.copy, limits.num_device_blocks, limits.num_device_blocks)
+        self._validate_adapter_loads(plan.adapter_loads, dropped)
         seen: set[int] = set()
         for new in plan.new_sequences:
             if new.sequence_id in seen:
@@ -107,6 +110,8 @@ class PersistentBatch:
                     f"[1, {len(new.token_ids)}]"
                 )
             validate_sampling_options(new.sampling, limits.vocab_size, limits.max_logprobs)
+            if new.lora_slot is not None:
+                self._validate_slot(f"sequence {new.sequence_id}: lora_slot", new.lora_slot)
             self._validate_span(
                 new.sequence_id, new.num_computed_tokens, new.num_scheduled_tokens,
                 len(new.token_ids), len(new.block_ids), new.block_ids,
@@ -133,6 +138,31 @@ class PersistentBatch:
                 f"{plan.num_scheduled_tokens} tokens in one step exceed max_num_batched_tokens "
                 f"{limits.max_num_batched_tokens}"
             )
+
+    def _validate_slot(self, what: str, slot: int) -> None:
+        if self.limits.max_loras == 0:
+            raise InvalidArgument(f"{what} {slot}: LoRA is off on this executor (start it with --enable-lora)")
+        if not 0 <= slot < self.limits.max_loras:
+            raise InvalidArgument(f"{what} {slot} out of range [0, {self.limits.max_loras})")
+
+    def _validate_adapter_loads(self, loads: tuple[AdapterLoad, ...], dropped: set[int]) -> None:
+        """Each load names a slot in range, once per plan, that no sequence kept past this plan's
+        drops uses (a load replaces the slot's adapter under it)."""
+        loaded: set[int] = set()
+        for load in loads:
+            self._validate_slot(f"adapter load {load.adapter_name!r} into slot", load.slot)
+            if load.slot in loaded:
+                raise InvalidArgument(f"two adapter loads into LoRA slot {load.slot} in one step")
+            if not load.adapter_name or not load.adapter_path:
+                raise InvalidArgument(f"the adapter load into slot {load.slot} needs an adapter_name and a path")
+            loaded.add(load.slot)
+        if loaded:
+            for state in self.sequences.values():
+                if state.lora_slot in loaded and state.sequence_id not in dropped:
+                    raise InvalidArgument(
+                        f"adapter load into LoRA slot {state.lora_slot} while sequence {state.sequence_id} "
+                        "uses it; finish or preempt the sequence first"
+                    )
 
     def _validate_span(
         self, sequence_id: int, num_computed: int, num_scheduled: int, num_tokens: int,

@@ -35,6 +35,7 @@ def describe_to_pb(executor: LoadedExecutor) -> pb.ExecutorDescription:
             num_kv_heads=config.num_kv_heads,
             head_dim=config.head_dim,
             hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
             vocab_size=config.vocab_size,
             max_position_embeddings=info.max_model_len,
             eos_token_ids=config.eos_token_ids,
@@ -56,6 +57,8 @@ def describe_to_pb(executor: LoadedExecutor) -> pb.ExecutorDescription:
         max_num_batched_tokens=info.max_num_batched_tokens,
         max_num_seqs=info.max_num_seqs,
         max_logprobs=info.max_logprobs,
+        max_loras=info.max_loras,
+        max_lora_rank=info.max_lora_rank,
     )
 
 

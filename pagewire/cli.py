@@ -25,7 +25,7 @@ from shared.logging_setup import LOG_FORMATS, LOG_LEVELS, configure_logging
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_LOG_FORMAT = "auto"
 # `serve` runs the executor on this machine and gives it the scheduler's batch limits.
-SERVE_OWNS_EXECUTOR_FIELDS = ("model_dir", "host", "port", "max_num_seqs", "max_num_batched_tokens")
+SERVE_OWNS_EXECUTOR_FIELDS = ("model_dir", "host", "port", "max_num_seqs", "max_num_batched_tokens", "enable_lora")
 EXIT_USAGE = 2
 
 
@@ -146,6 +146,7 @@ def serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ExecutorConfi
         ExecutorConfig, args, skip=SERVE_OWNS_EXECUTOR_FIELDS,
         model_dir=args.model or "", port=args.executor_port,
         max_num_seqs=engine_config.max_num_seqs, max_num_batched_tokens=engine_config.max_num_batched_tokens,
+        enable_lora=engine_config.enable_lora,
     )
     # Flags are checked (above) before the model is resolved (or the tiny one made).
     if executor_config.simulate is not None:

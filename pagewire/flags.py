@@ -69,8 +69,11 @@ def add_config_flags(
             parser.add_argument(flag_name(field), action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if _is_repeatable(field):
-            # tuple[X, ...]: the flag may be given many times, each adding one element.
-            kwargs["action"] = "append"
+            # tuple[X, ...]: the flag may be given many times, each adding one element (or, with
+            # `many`, several).
+            kwargs["action"] = "extend" if meta.get("many") else "append"
+            if meta.get("many"):
+                kwargs["nargs"] = "+"
             if "default" in kwargs:
                 kwargs["default"] = None
         kwargs["type"] = _parser_type(field)

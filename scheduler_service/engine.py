@@ -17,6 +17,8 @@ from scheduler_service.engine_observer import EngineObserver
 from scheduler_service.executor_description import ExecutorDescription
 from scheduler_service.executor_discovery import ExecutorDiscovery, Resolver, resolve_host
 from scheduler_service.executor_replica import ExecutorReplica
+from scheduler_service.lora.adapter_catalog import AdapterCatalog
+from scheduler_service.lora.adapter_registry import Adapter
 from scheduler_service.placement import PlacementCandidate, choose_replica
 from scheduler_service.replica_status import ReplicaStatus, sum_statuses
 from scheduler_service.request_state import RequestState
@@ -70,6 +72,8 @@ class Engine:
         self._addresses: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         # Set when the first executor cannot serve these settings: the server exits with it (code 2).
+        self.adapters = AdapterCatalog(config.enable_lora)
+        self._max_lora_rank = 0
         self.startup_error: ValueError | None = None
         self.failed = asyncio.Event()
 
@@ -106,9 +110,10 @@ class Engine:
         params: SamplingParams,
         request_id: str | None = None,
         cache_salt: str | None = None,
+        adapter: Adapter | None = None,
     ) -> RequestState:
         """Queues a validated request on an executor; raises Unavailable or ResourceExhausted. Requests
-        share cached prefix KV only when their `cache_salt`s are equal."""
+        share cached prefix KV only when their `cache_salt`s and adapters are equal."""
         model = self.model
         if model is None or not self.is_ready:
             raise Unavailable("the scheduler is not connected to a ready executor; retry shortly")
@@ -135,6 +140,7 @@ class Engine:
             arrival_index=next(self._arrivals),
             sampling=params.to_options(model.eos_token_ids),
             cache_salt=cache_salt,
+            adapter=adapter,
             max_num_tokens=None if params.max_tokens is None else len(prompt_token_ids) + params.max_tokens,
         )
         self._place(seq)
@@ -273,13 +279,41 @@ class Engine:
     # ReplicaOwner: what the replicas tell the coordinator.
 
     def accept(self, replica: ExecutorReplica, description: ExecutorDescription) -> None:
+        if self.config.enable_lora and description.max_loras == 0:
+            raise ValueError("it serves no LoRA adapters; start it with --enable-lora (`pagewire serve` passes it on)")
         if self.model is None:
             tokenizer = Tokenizer.from_model_path(self.config.tokenizer_dir or description.model_path)
+            self.adapters.bind(description.lora_shape, description.max_lora_rank)
+            self._load_startup_adapters()
             self.model = ServedModel.from_description(description, self.config.max_model_len, tokenizer)
+            self._max_lora_rank = description.max_lora_rank
             return
         mismatch = self.model.mismatch(description)
         if mismatch is not None:
             raise ValueError(f"executor {replica.address} serves another model: {mismatch}")
+        if self.config.enable_lora and description.max_lora_rank < self._max_lora_rank:
+            raise ValueError(
+                f"its --max-lora-rank is {description.max_lora_rank}, the first executor's {self._max_lora_rank}; "
+                "start every executor with the same LoRA settings"
+            )
+
+    def _load_startup_adapters(self) -> None:
+        """--lora-modules, checked against the first executor's model; a bad one fails the start-up."""
+        for module in self.config.lora_modules:
+            name, _, path = module.partition("=")
+            try:
+                adapter, _ = self.adapters.register(name, self.adapters.inspect(name, path))
+            except PagewireError as error:
+                raise ValueError(f"--lora-modules {module}: {error}") from None
+            log.info("adapter_loaded", name=name, path=adapter.path, rank=adapter.spec.rank,
+                     target_modules=list(adapter.spec.target_modules), at="start-up")
+
+    def adapter_usage(self, adapter: Adapter) -> tuple[int, bool]:
+        """(live requests using `adapter`, whether some executor holds it in a LoRA slot now)."""
+        schedulers = [replica.scheduler for replica in self.replicas.values() if replica.scheduler is not None]
+        sequences = [*self._homeless, *(seq for s in schedulers for seq in (*s.running, *s.waiting))]
+        num_requests = sum(1 for seq in sequences if seq.adapter is adapter)
+        return num_requests, any(s.lora_slots.is_resident(adapter) for s in schedulers)
 
     def on_unusable(self, replica: ExecutorReplica, error: ValueError) -> bool:
         if self.model is not None:

@@ -60,6 +60,13 @@ class EngineConfig:
     served_model_name: str | None = setting(
         None, help="model name the HTTP API reports and accepts", default_text="the checkpoint's name"
     )
+    enable_lora: bool = setting(False, help="serve LoRA adapters (GenerateRequest.adapter, the OpenAI `model` "
+        "field); the executor needs it too (`pagewire serve` passes it on)")
+    lora_modules: tuple[str, ...] = setting(
+        (), many=True, metavar="NAME=PATH", help="PEFT LoRA adapters to load at start, e.g. a=/path/a b=/path/b "
+        "(more at runtime: LoadAdapter, POST /v1/load_lora_adapter); needs --enable-lora",
+        default_text="none",
+    )
     scheduler_id: str = setting(
         PROCESS_SCHEDULER_ID, help="this scheduler's name to its executors: each serves one scheduler id at a "
         "time, and a restarted scheduler with the same id reclaims its executors at once",
@@ -95,6 +102,12 @@ class EngineConfig:
             )
         if self.dns_refresh_seconds <= 0:
             raise ValueError(f"--dns-refresh-seconds must be > 0, got {self.dns_refresh_seconds}")
+        for module in self.lora_modules:
+            name, _, path = module.partition("=")
+            if not name or not path:
+                raise ValueError(f"--lora-modules takes NAME=PATH entries, got {module!r}")
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
         if not self.scheduler_id:
             raise ValueError("--scheduler-id must not be empty")
         if self.reconnect_grace_seconds < 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scheduler_service.lora.adapter_files import LoraModelShape
 from scheduler_service.preemption_policy import TransferSpeeds
 from shared.pb.pagewire.v1 import executor_pb2 as pb
 
@@ -27,6 +28,10 @@ class ExecutorDescription:
     max_num_batched_tokens: int
     max_num_seqs: int
     max_logprobs: int
+    lora_shape: LoraModelShape
+    # LoRA slots on the executor (0: LoRA off) and the largest rank one holds.
+    max_loras: int = 0
+    max_lora_rank: int = 0
 
     @classmethod
     def from_pb(cls, message: pb.ExecutorDescription) -> ExecutorDescription:
@@ -48,6 +53,15 @@ class ExecutorDescription:
             max_num_batched_tokens=message.max_num_batched_tokens,
             max_num_seqs=message.max_num_seqs,
             max_logprobs=message.max_logprobs,
+            lora_shape=LoraModelShape(
+                num_layers=message.model.num_layers,
+                hidden_size=message.model.hidden_size,
+                intermediate_size=message.model.intermediate_size,
+                q_size=message.model.num_attention_heads * message.model.head_dim,
+                kv_size=message.model.num_kv_heads * message.model.head_dim,
+            ),
+            max_loras=message.max_loras,
+            max_lora_rank=message.max_lora_rank,
         )
 
     @property
@@ -61,6 +75,6 @@ class ExecutorDescription:
 
     def same_cache_geometry(self, other: ExecutorDescription) -> bool:
         def geometry(d: ExecutorDescription) -> tuple[object, ...]:
-            return (d.block_size, d.num_device_blocks, d.num_host_blocks, d.vocab_size, d.model_path)
+            return (d.block_size, d.num_device_blocks, d.num_host_blocks, d.vocab_size, d.model_path, d.max_loras)
 
         return geometry(self) == geometry(other)

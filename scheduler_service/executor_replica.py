@@ -338,6 +338,7 @@ class ExecutorReplica:
             num_host_blocks=description.num_host_blocks,
             preemption_mode=config.preemption_mode,
             transfer_speeds=description.transfer_speeds,
+            max_loras=description.max_loras if config.enable_lora else 0,
         )
         pool = BlockPool(description.num_device_blocks)
         kv_cache_manager = KVCacheManager(pool, description.block_size, config.enable_prefix_caching)

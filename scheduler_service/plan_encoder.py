@@ -6,7 +6,15 @@ from collections.abc import Iterable
 from collections.abc import Sequence as SequenceOf
 
 from scheduler_service.sequence import Sequence
-from shared.step_plan import BlockId, BlockPairs, ContinuedSequence, NewSequence, SequenceId, StepPlan
+from shared.step_plan import (
+    AdapterLoad,
+    BlockId,
+    BlockPairs,
+    ContinuedSequence,
+    NewSequence,
+    SequenceId,
+    StepPlan,
+)
 
 
 class PlanEncoder:
@@ -41,6 +49,7 @@ class PlanEncoder:
         preempted_sequence_ids: SequenceOf[SequenceId] = (),
         swap_out: BlockPairs = BlockPairs(),
         swap_in: BlockPairs = BlockPairs(),
+        adapter_loads: tuple[AdapterLoad, ...] = (),
     ) -> StepPlan:
         """Build the next plan from (sequence, tokens to compute this step, full block table) triples.
 
@@ -48,7 +57,7 @@ class PlanEncoder:
         preempted ids must be held by the executor; they are dropped before the scheduled sequences
         are encoded, matching the executor's execution order, so a preempted id may come back as new
         in the same plan. `swap_out` (device -> host) and `swap_in` (host -> device) block pairs go out
-        as given; the executor runs them, in that order, before the forward.
+        as given; the executor runs them, in that order, before the forward, then `adapter_loads`.
         """
         for sequence_id in (*finished_sequence_ids, *preempted_sequence_ids):
             assert sequence_id in self._num_sent_block_ids, f"executor does not hold sequence {sequence_id}"
@@ -89,6 +98,7 @@ class PlanEncoder:
             preempted_sequence_ids=tuple(preempted_sequence_ids),
             swap_out=swap_out,
             swap_in=swap_in,
+            adapter_loads=adapter_loads,
         )
 
     def reset(self) -> None:

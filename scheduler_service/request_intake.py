@@ -15,7 +15,7 @@ from scheduler_service.engine import Engine
 from scheduler_service.request_state import RequestState
 from scheduler_service.served_model import ServedModel
 from scheduler_service.tokenizer import Tokenizer
-from shared.errors import InvalidArgument, NotFound, Unavailable
+from shared.errors import InvalidArgument, Unavailable
 from shared.request_limits import validate_prompt_bytes, validate_request_fields
 from shared.sampling_params import SamplingParams, validate_sampling_params
 
@@ -84,8 +84,7 @@ class RequestIntake:
         `engine.abort(state)` when its client goes away before the request finishes."""
         model = self._ready()
         validate_request_fields(request_id, cache_salt)
-        if adapter:
-            raise NotFound(f"unknown adapter {adapter!r}: no LoRA adapters are loaded")
+        served_adapter = self.engine.adapters.lookup(adapter) if adapter else None
         validate_sampling_params(
             params,
             vocab_size=model.vocab_size,
@@ -94,7 +93,7 @@ class RequestIntake:
             num_prompt_tokens=len(prompt_token_ids),
         )
         prompt = _non_empty(prompt_token_ids)
-        return self.engine.add_request(prompt, params, request_id or None, cache_salt or None)
+        return self.engine.add_request(prompt, params, request_id or None, cache_salt or None, served_adapter)
 
     def _ready(self) -> ServedModel:
         model = self.engine.model

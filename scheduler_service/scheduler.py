@@ -9,6 +9,7 @@ import structlog
 
 from scheduler_service.in_flight_plans import InFlightPlans
 from scheduler_service.kv_cache_manager import KVCacheManager
+from scheduler_service.lora.slot_table import LoraSlotTable
 from scheduler_service.plan_encoder import PlanEncoder
 from scheduler_service.preemption_policy import PreemptionMode, PreemptionPolicy, TransferSpeeds
 from scheduler_service.scheduler_config import SchedulerConfig
@@ -64,6 +65,7 @@ class Scheduler:
         self.swap_space = SwapSpace(config.num_host_blocks)
         self.preemption_policy = PreemptionPolicy(config.preemption_mode, config.transfer_speeds)
         self.plan_encoder = PlanEncoder()
+        self.lora_slots = LoraSlotTable(config.max_loras)
         self.counters = SchedulerCounters()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -119,6 +121,8 @@ class Scheduler:
             raise ValueError(
                 f"arrival_index {seq.arrival_index} is not after the previous {self._last_arrival_index}"
             )
+        if seq.adapter is not None and not self.config.max_loras:
+            raise ValueError(f"sequence {seq.sequence_id} uses adapter {seq.adapter.name} but LoRA is off here")
         assert seq.status is SequenceStatus.WAITING and seq.num_computed_tokens == 0
         self._last_arrival_index = seq.arrival_index
         self._sequences[seq.sequence_id] = seq
@@ -129,7 +133,8 @@ class Scheduler:
 
         Running sequences go first, in arrival order, then waiting sequences are admitted in order
         while the token budget, the sequence cap and the free blocks last; the first that does not fit
-        stops admission, and none follows a preemption in the same step. A swapped-out sequence is
+        stops admission (so does one whose adapter finds no free LoRA slot: no request waits behind
+        later ones, so none starves), and none follows a preemption in the same step. A swapped-out sequence is
         admitted by swapping its blocks back in; any other starts from its longest cached prefix.
         Admission in arrival order keeps every running sequence ahead of every waiting one, so a
         partially computed prompt is always the latest-arrived running sequence: decodes come before
@@ -165,12 +170,18 @@ class Scheduler:
             not preempted_ids and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
+            if seq.adapter is not None and (slot := self.lora_slots.acquire(seq.adapter)) is None:
+                break  # every LoRA slot is pinned by other adapters: it waits for one to free up
             if seq.status is SequenceStatus.SWAPPED:
                 num_new_tokens = self._swap_in(seq, budget, swap_in)
             else:
                 num_new_tokens = self._admit(seq, budget)
             if num_new_tokens is None:
+                if seq.adapter is not None:
+                    self.lora_slots.release(slot)
                 break
+            if seq.adapter is not None:
+                seq.lora_slot = slot
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival_index)
@@ -191,6 +202,7 @@ class Scheduler:
             preempted_ids,
             swap_out=_block_pairs(swap_out),
             swap_in=_block_pairs(swap_in),
+            adapter_loads=self.lora_slots.take_loads(),
         )
         samples: dict[SequenceId, bool] = {}
         for sid, num_new_tokens in scheduled.items():
@@ -319,6 +331,7 @@ class Scheduler:
             num_tokens_to_recompute=num_tokens_to_recompute,
         )
         self.running.pop()
+        self._unpin_lora_slot(victim)
         if decision.mode is PreemptionMode.SWAP:
             host_block_ids = self.swap_space.allocate(victim.sequence_id, num_blocks)
             assert host_block_ids is not None, "the policy swapped with too few free host blocks"
@@ -382,6 +395,7 @@ class Scheduler:
     def _end(self, seq: Sequence) -> None:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+            self._unpin_lora_slot(seq)
         else:
             self.waiting.remove(seq)
         self.kv_cache_manager.free(seq.sequence_id)
@@ -392,6 +406,11 @@ class Scheduler:
         self._in_flight.forget(seq.sequence_id)
         if self.plan_encoder.knows(seq.sequence_id):
             self._finished_ids_to_send.append(seq.sequence_id)
+
+    def _unpin_lora_slot(self, seq: Sequence) -> None:
+        if seq.lora_slot is not None:
+            self.lora_slots.release(seq.lora_slot)
+            seq.lora_slot = None
 
     def use_transfer_speeds(self, speeds: TransferSpeeds) -> None:
         """Later preemption choices use `speeds`: what a reconnected executor measured at its start-up,
@@ -407,8 +426,10 @@ class Scheduler:
         back to recompute, their host blocks freed.
         """
         for seq in reversed(self.running):
+            self._unpin_lora_slot(seq)
             self.waiting.appendleft(seq)
         self.running.clear()
+        self.lora_slots.reset()
         for seq in self.waiting:
             self.kv_cache_manager.free(seq.sequence_id)
             self.swap_space.free(seq.sequence_id)
@@ -437,6 +458,7 @@ class Scheduler:
         kv.check_integrity()
         self.swap_space.check_integrity()
         self.plan_encoder.check_integrity()
+        self.lora_slots.check_integrity(seq.lora_slot for seq in self.running if seq.lora_slot is not None)
         running_ids = [seq.sequence_id for seq in self.running]
         waiting_ids = [seq.sequence_id for seq in self.waiting]
         assert len(set(running_ids)) == len(running_ids), f"a sequence runs twice: {running_ids}"
@@ -450,6 +472,7 @@ class Scheduler:
         num_tokens_in_flight = self._in_flight.num_tokens_sampled()
         for seq in self.running:
             assert seq.status is SequenceStatus.RUNNING
+            assert (seq.adapter is None) == (seq.lora_slot is None), f"{seq.sequence_id}: adapter without slot"
             assert 0 < seq.num_computed_tokens <= seq.num_tokens_with_placeholders
             assert seq.num_output_placeholders == num_tokens_in_flight.get(seq.sequence_id, 0), (
                 f"{seq.sequence_id}: {seq.num_output_placeholders} placeholders, "
@@ -468,6 +491,7 @@ class Scheduler:
         swapped_ids = set()
         for seq in self.waiting:
             assert seq.num_output_placeholders == 0, f"waiting {seq.sequence_id} has placeholders"
+            assert seq.lora_slot is None, f"waiting {seq.sequence_id} pins LoRA slot {seq.lora_slot}"
             if seq.status is SequenceStatus.SWAPPED:
                 swapped_ids.add(seq.sequence_id)
                 assert 0 < seq.num_computed_tokens <= seq.num_tokens

@@ -29,6 +29,8 @@ class SchedulerConfig:
     num_host_blocks: int = 0
     preemption_mode: str = "recompute"
     transfer_speeds: TransferSpeeds | None = None
+    # The executor's LoRA slots (0: LoRA off); a step holds at most this many distinct adapters.
+    max_loras: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -41,6 +43,8 @@ class SchedulerConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.max_loras < 0:
+            raise ValueError(f"max_loras must be >= 0, got {self.max_loras}")
         if self.num_host_blocks < 0:
             raise ValueError(f"num_host_blocks must be >= 0, got {self.num_host_blocks}")
         if self.preemption_mode not in PREEMPTION_MODES:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from scheduler_service.lora.adapter_registry import Adapter
 from shared.step_plan import SamplingOptions, SequenceId
 
 
@@ -30,8 +31,8 @@ class Sequence:
     too. `max_num_tokens` is where the request ends for sure (prompt + max_tokens), None when only
     max_model_len bounds it: no placeholder is scheduled past it.
     `arrival_index` is monotonic over requests; a lower index has higher priority.
-    `adapter_name` and `cache_salt` are the prefix cache's extra keys: sequences share cached K/V only
-    when both are equal. `num_cached_prompt_tokens` is what the prefix cache supplied at the first
+    The adapter's `key` and `cache_salt` are the prefix cache's extra keys: sequences share cached K/V
+    only when both are equal. `lora_slot` is the executor slot holding the adapter while it runs. `num_cached_prompt_tokens` is what the prefix cache supplied at the first
     admission (None before it); `recompute_until` marks the tokens whose K/V a recompute preemption
     dropped, so computing them again is counted as recomputation.
     Invariant: 0 <= num_computed_tokens <= num_tokens + num_output_placeholders.
@@ -42,7 +43,7 @@ class Sequence:
     arrival_index: int
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     lora_slot: int | None = None
-    adapter_name: str | None = None
+    adapter: Adapter | None = None
     cache_salt: str | None = None
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -77,7 +78,7 @@ class Sequence:
 
     @property
     def cache_extra_keys(self) -> tuple[str | None, ...]:
-        return (self.adapter_name, self.cache_salt)
+        return (None if self.adapter is None else self.adapter.key, self.cache_salt)
 
     @property
     def num_tokens_with_placeholders(self) -> int:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from scheduler_service.engine import Engine
+from scheduler_service.lora.adapter_registry import Adapter
 from scheduler_service.replica_status import ReplicaStatus
 from scheduler_service.request_intake import ChatTurn, RequestIntake
 from scheduler_service.request_state import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, RequestDelta
@@ -144,6 +145,28 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self, request: pb.DrainExecutorRequest, context: grpc.aio.ServicerContext
     ) -> pb.ExecutorStatus:
         return executor_status_to_pb(self.engine.drain(request.address))
+
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterInfo:
+        return self._adapter_info(await self.engine.adapters.load(request.name, request.path))
+
+    async def UnloadAdapter(
+        self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AdapterInfo:
+        return self._adapter_info(self.engine.adapters.unregister(request.name))
+
+    async def ListAdapters(
+        self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAdaptersResponse:
+        adapters = self.engine.adapters.adapters() if self.engine.adapters.enabled else []
+        return pb.ListAdaptersResponse(adapters=[self._adapter_info(adapter) for adapter in adapters])
+
+    def _adapter_info(self, adapter: Adapter) -> pb.AdapterInfo:
+        num_requests, is_loaded_on_device = self.engine.adapter_usage(adapter)
+        spec = adapter.spec
+        return pb.AdapterInfo(
+            name=adapter.name, path=adapter.path, rank=spec.rank, target_modules=sorted(spec.target_modules),
+            is_loaded_on_device=is_loaded_on_device, scaling=spec.scaling, num_requests=num_requests,
+        )
 
 
 def executor_status_to_pb(status: ReplicaStatus) -> pb.ExecutorStatus:

@@ -22,6 +22,10 @@ class NotFound(PagewireError, LookupError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class AlreadyExists(PagewireError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class ResourceExhausted(PagewireError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -18,15 +18,17 @@ def setting(
     parse: Callable[[str], Any] | None = None,
     default_text: str | None = None,
     metavar: str | None = None,
+    many: bool = False,
 ) -> Any:
     """A dataclass field whose `metadata` says how the `pagewire` CLI exposes it.
 
     `flag` defaults to `--field-name`; `parse` converts the flag's text (default: from the field's
     type); `default_text` replaces the default in `--help` when the value alone says nothing (None).
-    A field without a default becomes a required flag.
+    A field without a default becomes a required flag. A `tuple[X, ...]` field's flag may be repeated;
+    with `many` it also takes several values at once (`--flag a b`).
     """
     metadata = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None, "parse": parse,
-                "default_text": default_text, "metavar": metavar}
+                "default_text": default_text, "metavar": metavar, "many": many}
     return dataclasses.field(default=default, metadata=metadata)
 
 

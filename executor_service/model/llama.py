@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from executor_service.attention_metadata import AttentionMetadata
+from executor_service.lora.lora_batch import LoraBatch
 from executor_service.model.config import ModelConfig
 from executor_service.model.invariant_linear import invariant_linear, pack_weight, uses_onednn
 from executor_service.model.rope import RotaryEmbedding
@@ -94,8 +95,10 @@ class Attention(nn.Module):
         rotary: RotaryEmbedding,
         dtype: torch.dtype,
         device: torch.device | str | None,
+        layer_index: int = 0,
     ) -> None:
         super().__init__()
+        self.layer_index = layer_index
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -115,33 +118,53 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if lora is not None:
+            # The views write through into the fused output: each delta lands in its column slice.
+            for module, out in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                lora.add_delta(self.layer_index, module, hidden, out)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         key_cache, value_cache = kv_cache
         self.ops.write_kv(k, v, key_cache, value_cache, metadata.slot_mapping)
-        out = self.ops.paged_attention(q, key_cache, value_cache, metadata, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        out = self.ops.paged_attention(q, key_cache, value_cache, metadata, self.scale).reshape(
+            num_tokens, self.q_size
+        )
+        projected = self.o_proj(out)
+        if lora is not None:
+            lora.add_delta(self.layer_index, "o_proj", out, projected)
+        return projected
 
 
 class MLP(nn.Module):
     """SwiGLU with the gate and up projections fused into one matmul."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str | None) -> None:
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str | None, layer_index: int = 0
+    ) -> None:
         super().__init__()
+        self.layer_index = layer_index
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = Linear(
             config.hidden_size, 2 * config.intermediate_size, config.mlp_bias, dtype, device
         )
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, config.mlp_bias, dtype, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        if lora is not None:
+            lora.add_delta(self.layer_index, "gate_proj", x, gate)
+            lora.add_delta(self.layer_index, "up_proj", x, up)
+        inner = F.silu(gate) * up
+        out = self.down_proj(inner)
+        if lora is not None:
+            lora.add_delta(self.layer_index, "down_proj", inner, out)
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -154,12 +177,13 @@ class DecoderLayer(nn.Module):
         rotary: RotaryEmbedding,
         dtype: torch.dtype,
         device: torch.device | str | None,
+        layer_index: int = 0,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(config, ops, rotary, dtype, device)
+        self.self_attn = Attention(config, ops, rotary, dtype, device, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.mlp = MLP(config, dtype, device)
+        self.mlp = MLP(config, dtype, device, layer_index)
 
     def forward(
         self,
@@ -167,9 +191,10 @@ class DecoderLayer(nn.Module):
         positions: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, kv_cache, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, kv_cache, metadata, lora)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden), lora)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -194,7 +219,7 @@ class LlamaForCausalLM(nn.Module):
         )
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, device)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, ops, self.rope, dtype, device) for _ in range(config.num_layers)
+            DecoderLayer(config, ops, self.rope, dtype, device, i) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self._packed_lm_head = PackedWeight()
@@ -210,16 +235,18 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         metadata: AttentionMetadata,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
         """Hidden states `[T, hidden]` after the final norm for the `T` scheduled tokens.
 
         `kv_caches[i]` is layer i's (key_cache, value_cache); this step's K/V are written into them.
+        `lora`, when given, adds its adapters' deltas to the rows of its segments (None: base model).
         """
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for a model with {len(self.layers)} layers")
         hidden = self.embed_tokens(input_ids)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, positions, kv_cache, metadata)
+            hidden = layer(hidden, positions, kv_cache, metadata, lora)
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

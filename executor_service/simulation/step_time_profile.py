@@ -48,6 +48,8 @@ class SimulatedModel:
     hidden_size: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
+    # Not in the profiles: the simulated executor serves no LoRA, which is what this is checked for.
+    intermediate_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)

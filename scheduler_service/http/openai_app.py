@@ -47,6 +47,7 @@ from scheduler_service.http.openai_responses import (
 from scheduler_service.http.sse import DONE, AbortingStreamingResponse, sse_event
 from scheduler_service.request_intake import RequestIntake
 from scheduler_service.request_state import FINISH_ABORT, RequestState, Usage
+from scheduler_service.http.lora_routes import lora_router
 from scheduler_service.served_model_name import served_model_name
 from scheduler_service.tokenizer import Tokenizer
 from shared.errors import NotFound, PagewireError, Unavailable
@@ -97,9 +98,16 @@ class OpenAIServing:
         name = served_model_name(self.engine)
         if name is None:
             raise Unavailable("the scheduler is not connected to a ready executor; retry shortly")
-        if requested and requested != name:
+        if requested and requested != name and not self._is_adapter(requested):
             raise NotFound(f"The model `{requested}` does not exist.")
-        return name
+        return requested or name
+
+    def _is_adapter(self, name: str) -> bool:
+        return self.engine.adapters.enabled and name in self.engine.adapters.registry
+
+    def adapter_of(self, model: str) -> str:
+        """The adapter the `model` field selects, as vLLM does: a LoRA adapter's name, else "" (the base)."""
+        return model if model != served_model_name(self.engine) and self._is_adapter(model) else ""
 
     def tokenizer(self) -> Tokenizer:
         tokenizer = self.engine.tokenizer
@@ -107,14 +115,18 @@ class OpenAIServing:
             raise Unavailable("the scheduler is not connected to a ready executor; retry shortly")
         return tokenizer
 
-    def submit(self, request_id: str, prompts: list[tuple[int, ...]], params: SamplingParams, n: int) -> ChoiceStream:
+    def submit(
+        self, request_id: str, prompts: list[tuple[int, ...]], params: SamplingParams, n: int, model: str
+    ) -> ChoiceStream:
         """n requests per prompt, choice `p * n + j` being prompt p's j-th; all or none are queued."""
         states: list[RequestState] = []
         stream = ChoiceStream(self.engine, states)
         try:
             for p, prompt in enumerate(prompts):
                 for j in range(n):
-                    states.append(self.intake.submit(prompt, params, request_id=f"{request_id}-{p * n + j}"))
+                    states.append(self.intake.submit(
+                        prompt, params, adapter=self.adapter_of(model), request_id=f"{request_id}-{p * n + j}"
+                    ))
         except BaseException:
             stream.close()
             raise
@@ -130,7 +142,7 @@ class OpenAIServing:
             for p in completion_prompts(body)
         ]
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        stream = self.submit(request_id, prompts, params, body.n)
+        stream = self.submit(request_id, prompts, params, body.n, model)
         tokenizer, with_logprobs = self.tokenizer(), body.logprobs is not None
         head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model}
         if body.stream:
@@ -150,7 +162,7 @@ class OpenAIServing:
         params = chat_sampling_params(body)
         prompt = await self.intake.prompt_from_messages_async(chat_turns(body))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = self.submit(request_id, [prompt], params, body.n)
+        stream = self.submit(request_id, [prompt], params, body.n, model)
         tokenizer, with_logprobs = self.tokenizer(), body.logprobs
         head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
         if body.stream:
@@ -236,7 +248,13 @@ class OpenAIServing:
         if self.engine.model is not None:
             data["root"] = self.engine.model.model_path
             data["max_model_len"] = self.engine.model.max_model_len
-        return {"object": "list", "data": [data]}
+        adapters = self.engine.adapters.adapters() if self.engine.adapters.enabled else []
+        loras = [
+            {"id": a.name, "object": "model", "created": self.created, "owned_by": "pagewire", "root": a.path,
+             "parent": name}
+            for a in adapters
+        ]
+        return {"object": "list", "data": [data, *loras]}
 
 
 def _error_event(error: BaseException) -> bytes:
@@ -267,6 +285,7 @@ def create_app(engine: Engine, intake: RequestIntake, registry: CollectorRegistr
     async def models() -> dict[str, Any]:
         return serving.models()
 
+    v1.include_router(lora_router(engine))
     app.include_router(v1)
 
     @app.get("/health")

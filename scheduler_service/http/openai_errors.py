@@ -20,6 +20,7 @@ log = structlog.get_logger(__name__)
 _HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "BadRequestError"),
     grpc.StatusCode.FAILED_PRECONDITION: (400, "BadRequestError"),
+    grpc.StatusCode.ALREADY_EXISTS: (400, "BadRequestError"),
     grpc.StatusCode.UNAUTHENTICATED: (401, "AuthenticationError"),
     grpc.StatusCode.NOT_FOUND: (404, "NotFoundError"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "RateLimitError"),

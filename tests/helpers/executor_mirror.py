@@ -24,6 +24,7 @@ def make_scheduler(
     preemption_mode: str = "recompute",
     transfer_speeds: TransferSpeeds | None = None,
     enable_prefix_caching: bool = True,
+    max_loras: int = 0,
 ) -> Scheduler:
     config = SchedulerConfig(
         max_num_seqs=max_num_seqs,
@@ -34,6 +35,7 @@ def make_scheduler(
         num_host_blocks=num_host_blocks,
         preemption_mode=preemption_mode,
         transfer_speeds=transfer_speeds,
+        max_loras=max_loras,
     )
     return Scheduler(config, KVCacheManager(BlockPool(num_blocks), block_size, enable_prefix_caching))
 

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from executor_service.tiny_model import create_tiny_model
+from scheduler_service.lora.adapter_files import LoraModelShape
 from scheduler_service.engine import Engine
 from scheduler_service.engine_config import EngineConfig
 from scheduler_service.engine_observer import EngineObserver
@@ -35,6 +36,7 @@ def description(tmp_path_factory: pytest.TempPathFactory) -> ExecutorDescription
         max_num_batched_tokens=512,
         max_num_seqs=8,
         max_logprobs=20,
+        lora_shape=LoraModelShape(num_layers=2, hidden_size=64, intermediate_size=128, q_size=64, kv_size=32),
     )
 
 

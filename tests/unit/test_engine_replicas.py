@@ -8,6 +8,7 @@ import time
 import pytest
 
 from executor_service.tiny_model import create_tiny_model
+from scheduler_service.lora.adapter_files import LoraModelShape
 from scheduler_service.engine import Engine
 from scheduler_service.engine_config import EngineConfig
 from scheduler_service.executor_description import ExecutorDescription
@@ -47,6 +48,7 @@ def description(tmp_path_factory: pytest.TempPathFactory) -> ExecutorDescription
         num_host_blocks=0, bytes_per_block=4096, swap_out_bytes_per_second=4e9, swap_in_bytes_per_second=4e9,
         prefill_tokens_per_second=75_000.0, device="cpu", max_num_batched_tokens=256, max_num_seqs=16,
         max_logprobs=20,
+        lora_shape=LoraModelShape(num_layers=2, hidden_size=64, intermediate_size=128, q_size=64, kv_size=32),
     )
 
 
