@@ -9,7 +9,7 @@ import torch
 
 from executor_service.input_builder import build_model_input
 from executor_service.kv_pool import KVPool
-from executor_service.lora.lora_manager import LoraManager, PreparedLoad
+from executor_service.lora.lora_manager import AdapterUnreadable, LoraManager, PreparedLoad
 from executor_service.model.llama import LlamaForCausalLM
 from executor_service.persistent_batch import BatchLimits, PersistentBatch, ScheduledSequence
 from executor_service.sampler import Sampler, SamplingRow
@@ -61,7 +61,8 @@ class ModelRunner:
             adapter_loads = self.lora.prepare(plan) if self.lora is not None else ()
         except PagewireError as error:
             log.warning("plan_rejected", step_id=plan.step_id, code=error.code.name, reason=str(error))
-            return StepResult(step_id=plan.step_id, error=StepError(error.code.value[0], str(error)))
+            slot = error.slot if isinstance(error, AdapterUnreadable) else None
+            return StepResult(step_id=plan.step_id, error=StepError(error.code.value[0], str(error), slot))
         try:
             return self._execute_valid(plan, adapter_loads, started)
         except Exception as error:  # noqa: BLE001 (answer the plan; the stream must not die)

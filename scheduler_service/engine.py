@@ -25,7 +25,7 @@ from scheduler_service.request_state import RequestState
 from scheduler_service.sequence import Sequence
 from scheduler_service.served_model import ServedModel
 from scheduler_service.tokenizer import Tokenizer
-from shared.errors import NotFound, PagewireError, ResourceExhausted, Unavailable
+from shared.errors import InvalidArgument, NotFound, PagewireError, ResourceExhausted, Unavailable
 from shared.sampling_params import SamplingParams
 from shared.step_plan import SequenceId, SequenceOutput, StepPlan
 
@@ -373,6 +373,25 @@ class Engine:
 
     def on_leaving(self, replica: ExecutorReplica) -> None:
         self._update_ready()
+
+    def on_adapter_unreadable(self, replica: ExecutorReplica, adapter: Adapter, reason: str) -> None:
+        """Unloads the adapter (its files changed since they were checked) and fails its requests with
+        INVALID_ARGUMENT; the others go on after the stream restarts."""
+        if adapter.is_registered:
+            self.adapters.unregister(adapter.name)
+        log.error("adapter_unreadable", name=adapter.name, path=adapter.path, reason=reason,
+                  fix="load it again once its files are whole (LoadAdapter)")
+        error = InvalidArgument(
+            f"adapter {adapter.name!r} can no longer be read from {adapter.path} and was unloaded: {reason}"
+        )
+        for sequence_id, placed in list(self._placed.items()):
+            seq = placed.scheduler.get_sequence(sequence_id) if placed.scheduler is not None else None
+            if seq is not None and seq.adapter is adapter:
+                placed.abort_sequence(sequence_id)
+                self._placed.pop(sequence_id, None)
+                request = self.requests.pop(sequence_id, None)
+                if request is not None:
+                    request.fail(error)
 
     def on_drained(self, replica: ExecutorReplica) -> None:
         if replica.address not in self._addresses:

@@ -16,6 +16,7 @@ from scheduler_service.executor_client import ExecutorClient
 from scheduler_service.executor_description import ExecutorDescription
 from scheduler_service.executor_health_watch import ExecutorHealthWatch
 from scheduler_service.kv_cache_manager import KVCacheManager
+from scheduler_service.lora.adapter_registry import Adapter
 from scheduler_service.replica_status import ReplicaStatus
 from scheduler_service.scheduler import Scheduler, StepRejected
 from scheduler_service.scheduler_config import SchedulerConfig
@@ -54,6 +55,9 @@ class ReplicaOwner(Protocol):
         """`plan` was sent: its new sequences' time queued ends."""
 
     def on_drained(self, replica: ExecutorReplica) -> None: ...
+
+    def on_adapter_unreadable(self, replica: ExecutorReplica, adapter: Adapter, reason: str) -> None:
+        """The executor could not read `adapter`'s files: its requests must fail, the stream restarts."""
 
     def on_leaving(self, replica: ExecutorReplica) -> None:
         """The executor is shutting down: it takes no new work."""
@@ -369,6 +373,9 @@ class ExecutorReplica:
         except StepRejected as error:
             # Our view of the executor is wrong: start over on a fresh stream (recompute everything).
             log.error("step_rejected", address=self.address, error=str(error))
+            adapter = None if error.adapter_slot is None else scheduler.lora_slots.adapter_at(error.adapter_slot)
+            if adapter is not None:
+                self.owner.on_adapter_unreadable(self, adapter, str(error))
             await self.client.close()
             raise Unavailable(f"executor {self.address} rejected a plan") from error
         self.owner.on_outputs(self, outputs)

@@ -27,8 +27,13 @@ class StepRejected(RuntimeError):
     """The executor answered a plan with an error and changed nothing.
 
     The scheduler's view of the executor can no longer be trusted: replace the stream and call
-    `reset_executor_state`.
+    `reset_executor_state`. `adapter_slot`: the plan loaded an adapter into this slot that the
+    executor could not read.
     """
+
+    def __init__(self, message: str, adapter_slot: int | None = None) -> None:
+        super().__init__(message)
+        self.adapter_slot = adapter_slot
 
 
 class Scheduler:
@@ -360,7 +365,8 @@ class Scheduler:
         samples = self._in_flight.pop_oldest(step_id)
         if result.error is not None:
             raise StepRejected(
-                f"executor rejected step {step_id} (status {result.error.code}): {result.error.message}"
+                f"executor rejected step {step_id} (status {result.error.code}): {result.error.message}",
+                result.error.adapter_slot,
             )
         outputs: list[SequenceOutput] = []
         for output in result.outputs:

@@ -154,6 +154,8 @@ def result_to_pb(result: StepResult) -> pb.StepResult:
     if result.error is not None:
         message.error.code = result.error.code
         message.error.message = result.error.message
+        if result.error.adapter_slot is not None:
+            message.error.adapter_slot = result.error.adapter_slot
     for out in result.outputs:
         entry = message.outputs.add(sequence_id=out.sequence_id, token_ids=out.token_ids, logprobs=out.logprobs)
         for candidates in out.top_logprobs:
@@ -167,7 +169,10 @@ def result_to_pb(result: StepResult) -> pb.StepResult:
 def result_from_pb(message: pb.StepResult) -> StepResult:
     error = None
     if message.HasField("error"):
-        error = StepError(code=message.error.code, message=message.error.message)
+        error = StepError(
+            code=message.error.code, message=message.error.message,
+            adapter_slot=message.error.adapter_slot if message.error.HasField("adapter_slot") else None,
+        )
     return StepResult(
         step_id=message.step_id,
         outputs=tuple(

@@ -143,10 +143,12 @@ class StepTiming:
 
 @dataclass(frozen=True, slots=True)
 class StepError:
-    """A rejected plan: a grpc.StatusCode value (its integer) and what was wrong."""
+    """A rejected plan: a grpc.StatusCode value (its integer) and what was wrong; `adapter_slot` when
+    the adapter the plan loads into that slot could not be read."""
 
     code: int
     message: str
+    adapter_slot: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

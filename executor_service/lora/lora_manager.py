@@ -14,6 +14,14 @@ from shared.errors import FailedPrecondition, InvalidArgument
 from shared.step_plan import StepPlan
 
 
+class AdapterUnreadable(InvalidArgument):
+    """The adapter a plan loads into `slot` cannot be read (its files changed since they were checked)."""
+
+    def __init__(self, slot: int, message: str) -> None:
+        super().__init__(message)
+        self.slot = slot
+
+
 @dataclass(frozen=True, slots=True)
 class PreparedLoad:
     """An adapter load whose weights are read and checked, ready to be copied into its slot."""
@@ -53,7 +61,9 @@ class LoraManager:
             try:
                 weights = self.host_cache.get(load.adapter_name, load.adapter_path)
             except ValueError as error:
-                raise InvalidArgument(f"adapter {load.adapter_name!r} cannot be loaded: {error}") from error
+                raise AdapterUnreadable(
+                    load.slot, f"adapter {load.adapter_name!r} cannot be loaded: {error}"
+                ) from error
             prepared.append(PreparedLoad(load.slot, load.adapter_name, load.adapter_path, weights))
         loaded = {p.slot for p in prepared}
         for new in plan.new_sequences:

@@ -40,6 +40,9 @@ class LoraSlotTable:
                 return slot
         return None
 
+    def adapter_at(self, slot: int) -> Adapter | None:
+        return self._adapters[slot] if 0 <= slot < self.num_slots else None
+
     def is_resident(self, adapter: Adapter) -> bool:
         return self.slot_of(adapter) is not None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,7 +40,25 @@ def make_peft_adapter(
     leaves B at zero, which would make the adapter a no-op). Saved as `adapter_model.safetensors`,
     or `adapter_model.bin` with `safe_serialization=False`.
     """
-    model = _load_base(base_model_dir)
+    return make_peft_adapter_of(
+        _load_base(base_model_dir), out_dir, rank=rank, target_modules=target_modules, lora_alpha=lora_alpha,
+        use_rslora=use_rslora, seed=seed, init_scale=init_scale, safe_serialization=safe_serialization,
+    )
+
+
+def make_peft_adapter_of(
+    base_model: torch.nn.Module,
+    out_dir: Path,
+    *,
+    rank: int,
+    target_modules: Sequence[str],
+    lora_alpha: float,
+    use_rslora: bool = False,
+    seed: int = 0,
+    init_scale: float = DEFAULT_INIT_SCALE,
+    safe_serialization: bool = True,
+) -> Path:
+    """`make_peft_adapter` for a base model already loaded (fp32); `base_model` itself is left unchanged."""
     config = LoraConfig(
         r=rank,
         lora_alpha=lora_alpha,
@@ -49,10 +68,7 @@ def make_peft_adapter(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with warnings.catch_warnings():
-        # peft 0.21 calls transformers' deprecated `is_gradient_checkpointing`; nothing to act on here.
-        warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(copy.deepcopy(base_model), config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in sorted(peft_model.named_parameters()):
@@ -68,7 +84,15 @@ def peft_greedy(
 ) -> list[int]:
     """The `max_new_tokens` tokens PEFT's `generate(do_sample=False)` appends to the prompt, in float32
     on the CPU (the base model alone when `adapter_dir` is None); never stops early on EOS."""
-    model = _load_base(base_model_dir)
+    return peft_greedy_of(_load_base(base_model_dir), adapter_dir, prompt_token_ids, max_new_tokens)
+
+
+def peft_greedy_of(
+    base_model: torch.nn.Module, adapter_dir: Path | None, prompt_token_ids: Sequence[int], max_new_tokens: int
+) -> list[int]:
+    """`peft_greedy` for a base model already loaded (fp32); `base_model` itself is left unchanged."""
+    model = copy.deepcopy(base_model)
+    model.generation_config.eos_token_id = None
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
     prompt = torch.tensor([list(prompt_token_ids)])

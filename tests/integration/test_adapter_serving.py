@@ -306,3 +306,26 @@ def test_lora_off_refuses_loading_with_failed_precondition(base: Path, adapter_d
         assert error.code() is grpc.StatusCode.FAILED_PRECONDITION and "--enable-lora" in error.details()
         error = rpc_error(lambda: generate(address, (1, 2), "a"))
         assert error.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_an_adapter_whose_files_break_after_loading_fails_its_requests_only(
+    server: tuple[str, str], adapter_dirs: dict[str, Path], expected: dict[str, list[int]], tmp_path: Path
+) -> None:
+    """The scheduler checked the files at LoadAdapter; they are truncated before the executor first reads
+    them: that request fails INVALID_ARGUMENT, the adapter is unloaded, everything else goes on."""
+    import shutil
+
+    address = server[0]
+    fragile = tmp_path / "fragile"
+    shutil.copytree(adapter_dirs["e"], fragile)
+    load(address, "fragile", fragile)
+    weights = fragile / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    error = rpc_error(lambda: generate(address, PROMPTS["e"], "fragile"))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "'fragile' can no longer be read" in error.details() and "was unloaded" in error.details()
+    listed = [a.name for a in stub_of(address).ListAdapters(pb.ListAdaptersRequest(), timeout=5).adapters]
+    assert "fragile" not in listed
+    assert list(generate(address, PROMPTS["a"], "a").token_ids) == expected["a"]
+    assert list(generate(address, PROMPTS[""], "").token_ids) == expected[""]
+    wait_idle(address)
