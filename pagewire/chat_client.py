@@ -48,7 +48,7 @@ def chat(
                 return 0
             user = pb.ChatMessage(role="user", content=text)
             request = pb.GenerateRequest(messages=pb.ChatMessages(messages=[*history, user]),
-                sampling=sampling)
+                sampling=sampling, adapter=config.adapter)
             try:
                 answer = stream_text(client, request, stdout, stderr)
             except ClientError as error:

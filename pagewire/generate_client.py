@@ -41,6 +41,8 @@ class ClientConfig:
     top_k: int | None = setting(None, help="keep the k most likely tokens", default_text="off")
     seed: int | None = setting(None, help="per-request sampling seed", default_text="unseeded")
     ignore_eos: bool = setting(False, help="keep generating past the end-of-sequence token")
+    adapter: str = setting("", help="the LoRA adapter to answer with (a name ListAdapters gives)",
+                           default_text="the base model")
 
 
 class ClientError(Exception):
@@ -157,9 +159,10 @@ def generate_to_stdout(config: ClientConfig, args: argparse.Namespace) -> int:
         messages = [pb.ChatMessage(role="user", content=args.prompt)]
         if args.system:
             messages.insert(0, pb.ChatMessage(role="system", content=args.system))
-        request = pb.GenerateRequest(messages=pb.ChatMessages(messages=messages), sampling=sampling)
+        request = pb.GenerateRequest(messages=pb.ChatMessages(messages=messages), sampling=sampling,
+                                     adapter=config.adapter)
     else:
-        request = pb.GenerateRequest(text=args.prompt, sampling=sampling)
+        request = pb.GenerateRequest(text=args.prompt, sampling=sampling, adapter=config.adapter)
     with GenerationClient(config) as client:
         try:
             stream_text(client, request, sys.stdout, sys.stderr)

@@ -34,6 +34,14 @@ log = structlog.get_logger(__name__)
 SUPERVISE_INTERVAL_SECONDS = 0.5
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoraUsage:
+    running: list[str]
+    waiting: list[str]
+    max_loras: int
+    num_slot_loads: int
+
+
 class Engine:
     """Owns the requests and one `ExecutorReplica` per executor address; every policy decision runs
     synchronously on the event loop.
@@ -307,6 +315,20 @@ class Engine:
                 raise ValueError(f"--lora-modules {module}: {error}") from None
             log.info("adapter_loaded", name=name, path=adapter.path, rank=adapter.spec.rank,
                      target_modules=list(adapter.spec.target_modules), at="start-up")
+
+    def lora_usage(self) -> LoraUsage:
+        """Adapter names of the running and waiting requests (sorted, each once), slots, slot loads."""
+        schedulers = [replica.scheduler for replica in self.replicas.values() if replica.scheduler is not None]
+        running = {seq.adapter.name for s in schedulers for seq in s.running if seq.adapter is not None}
+        waiting = {
+            seq.adapter.name for seq in (*self._homeless, *(seq for s in schedulers for seq in s.waiting))
+            if seq.adapter is not None
+        }
+        return LoraUsage(
+            running=sorted(running), waiting=sorted(waiting),
+            max_loras=max((s.lora_slots.num_slots for s in schedulers), default=0),
+            num_slot_loads=sum(s.lora_slots.num_loads for s in schedulers),
+        )
 
     def adapter_usage(self, adapter: Adapter) -> tuple[int, bool]:
         """(live requests using `adapter`, whether some executor holds it in a LoRA slot now)."""

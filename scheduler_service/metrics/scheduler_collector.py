@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -86,3 +87,17 @@ class SchedulerCollector(Collector):
         )
         yield gauge("pagewire:num_requests_swapped", "Requests whose KV sits in the host swap pool.", total.num_swapped)
         yield gauge("pagewire:num_free_device_blocks", "Device KV blocks no sequence holds.", total.num_free_device_blocks)
+        if engine.adapters.enabled:
+            yield from self._lora_metrics(labels, counter)
+
+    def _lora_metrics(self, labels: list[str], counter) -> Iterator[Metric]:
+        """vLLM's `lora_requests_info` (adapter names in labels, the scrape time as value) and the
+        adapter loads into LoRA slots, cumulative."""
+        usage = self.engine.lora_usage()
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info", "Running stats on lora requests.",
+            labels=["running_lora_adapters", "max_lora", "waiting_lora_adapters"],
+        )
+        info.add_metric([",".join(usage.running), str(usage.max_loras), ",".join(usage.waiting)], time.time())
+        yield info
+        yield counter("pagewire:lora_slot_loads", "Adapters loaded into executor LoRA slots.", usage.num_slot_loads)

@@ -329,3 +329,37 @@ def test_an_adapter_whose_files_break_after_loading_fails_its_requests_only(
     assert list(generate(address, PROMPTS["a"], "a").token_ids) == expected["a"]
     assert list(generate(address, PROMPTS[""], "").token_ids) == expected[""]
     wait_idle(address)
+
+
+def test_metrics_report_lora_slots_and_loads(server: tuple[str, str]) -> None:
+    generate(server[0], (1, 2, 3), "a", max_tokens=2)
+    wait_idle(server[0])
+    with urllib.request.urlopen(server[1] + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    info = [line for line in text.splitlines() if line.startswith("vllm:lora_requests_info{")]
+    assert len(info) == 1 and 'max_lora="2"' in info[0]
+    assert 'running_lora_adapters=""' in info[0] and 'waiting_lora_adapters=""' in info[0]
+    loads = [line for line in text.splitlines() if line.startswith("pagewire:lora_slot_loads_total")]
+    assert len(loads) == 1 and float(loads[0].split()[-1]) >= 1
+
+
+def test_pagewire_generate_answers_with_an_adapter(server: tuple[str, str]) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers.processes import REPO_ROOT
+
+    def cli(*adapter: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "pagewire", "generate", "--address", server[0], "--no-chat", "--max-tokens", "8",
+             "--ignore-eos", *adapter, "hello there"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    message = pb.GenerateRequest(text="hello there", adapter="b",
+                                 sampling=pb.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    by_grpc = "".join(r.text for r in stub_of(server[0]).Generate(message, timeout=60))
+    assert cli("--adapter", "b") == by_grpc + "\n"
+    assert cli() != cli("--adapter", "b")
