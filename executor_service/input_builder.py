@@ -20,8 +20,9 @@ class ModelInput:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     metadata: AttentionMetadata
-    # Row of the last scheduled token of each sequence that samples this step, in schedule order.
-    logits_indices: torch.Tensor  # [num_sampling_seqs] int64
+    # Rows whose logits are sampled, in schedule order: per sampling sequence, its last row, or its
+    # last 1 + k rows when it verifies k draft tokens.
+    logits_indices: torch.Tensor  # [num_logits_rows] int64
     sampling_seq_indices: tuple[int, ...]
     # Rows by LoRA slot; None when no scheduled sequence uses an adapter.
     lora_segments: SgmvSegments | None = None
@@ -48,10 +49,17 @@ def build_model_input(scheduled: list[ScheduledSequence], block_size: int, devic
 
     input_ids: list[int] = []
     for s in scheduled:
-        input_ids.extend(s.state.token_ids[s.start : s.end])
+        input_ids.extend(s.input_token_ids)
 
     sampling_seq_indices = tuple(i for i, s in enumerate(scheduled) if s.samples)
-    logits_indices = query_start_loc[1:][list(sampling_seq_indices)] - 1
+    if any(s.draft_token_ids for s in scheduled):
+        logits_indices = np.asarray([
+            row
+            for i in sampling_seq_indices
+            for row in range(int(query_start_loc[i + 1]) - 1 - len(scheduled[i].draft_token_ids), int(query_start_loc[i + 1]))
+        ], dtype=np.int64)
+    else:
+        logits_indices = query_start_loc[1:][list(sampling_seq_indices)] - 1
 
     def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(array).to(device=device, dtype=dtype, non_blocking=True)

@@ -81,7 +81,7 @@ class ModelRunner:
         if self.lora is not None:
             self.lora.load(adapter_loads)
         forward_started = time.perf_counter()
-        sampled: dict[int, tuple[int, float | None, tuple[tuple[int, float], ...]]] = {}
+        sampled: dict[int, list[Sample]] = {}
         sample_seconds = 0.0
         if scheduled:
             model_input = build_model_input(scheduled, self.kv_pool.geometry.block_size, self.device)
@@ -95,11 +95,18 @@ class ModelRunner:
             )
             logits = self.model.compute_logits(hidden[model_input.logits_indices])
             sample_started = time.perf_counter()
-            rows = [self._sampling_row(scheduled[i]) for i in model_input.sampling_seq_indices]
+            rows = [row for i in model_input.sampling_seq_indices for row in self._sampling_rows(scheduled[i])]
             if rows:
                 output = self.sampler.sample(logits, rows)
-                for k, i in enumerate(model_input.sampling_seq_indices):
-                    sampled[i] = (output.token_ids[k], output.logprobs[k], output.top_logprobs[k])
+                row = 0
+                for i in model_input.sampling_seq_indices:
+                    num_rows = 1 + len(scheduled[i].draft_token_ids)
+                    samples = [
+                        (output.token_ids[r], output.logprobs[r], output.top_logprobs[r])
+                        for r in range(row, row + num_rows)
+                    ]
+                    sampled[i] = _accepted(samples, scheduled[i].draft_token_ids)
+                    row += num_rows
             sample_seconds = time.perf_counter() - sample_started
         forward_seconds = time.perf_counter() - forward_started - sample_seconds
         outputs = tuple(self._advance(s, sampled.get(i)) for i, s in enumerate(scheduled))
@@ -116,29 +123,47 @@ class ModelRunner:
         )
 
     @staticmethod
-    def _sampling_row(s: ScheduledSequence) -> SamplingRow:
+    def _sampling_rows(s: ScheduledSequence) -> list[SamplingRow]:
+        """One row per position that samples: after the known tokens, and after each draft prefix
+        (the history a draft token extends, were it accepted)."""
         state = s.state
-        return SamplingRow(
-            options=state.sampling,
-            output_position=len(state.token_ids) - state.num_prompt_tokens,
-            prompt_token_ids=state.token_ids[: state.num_prompt_tokens],
-            output_token_ids=state.output_token_ids,
-        )
+        prompt, outputs = state.token_ids[: state.num_prompt_tokens], state.output_token_ids
+        return [
+            SamplingRow(
+                options=state.sampling,
+                output_position=len(outputs) + j,
+                prompt_token_ids=prompt,
+                output_token_ids=[*outputs, *s.draft_token_ids[:j]] if j else outputs,
+            )
+            for j in range(len(s.draft_token_ids) + 1)
+        ]
 
     @staticmethod
-    def _advance(
-        s: ScheduledSequence, sample: tuple[int, float | None, tuple[tuple[int, float], ...]] | None
-    ) -> SequenceOutput:
-        """Moves the sequence past the computed tokens and appends its sampled token, if any."""
+    def _advance(s: ScheduledSequence, samples: list[Sample] | None) -> SequenceOutput:
+        """Moves the sequence past the computed tokens and appends the tokens it sampled, if any. Of
+        draft positions, only the accepted ones count as computed: the next step overwrites the rest."""
         state = s.state
         state.num_computed_tokens = s.end
-        if sample is None:
+        if samples is None:
             return SequenceOutput(sequence_id=state.sequence_id)
-        token_id, logprob, top = sample
-        state.token_ids.append(token_id)
+        state.num_computed_tokens -= len(s.draft_token_ids) - (len(samples) - 1)
+        state.token_ids.extend(token_id for token_id, _, _ in samples)
         return SequenceOutput(
             sequence_id=state.sequence_id,
-            token_ids=(token_id,),
-            logprobs=() if logprob is None else (logprob,),
-            top_logprobs=(top,) if top else (),
+            token_ids=tuple(token_id for token_id, _, _ in samples),
+            logprobs=tuple(logprob for _, logprob, _ in samples if logprob is not None),
+            top_logprobs=tuple(top for _, _, top in samples if top),
         )
+
+
+Sample = tuple[int, float | None, tuple[tuple[int, float], ...]]
+
+
+def _accepted(samples: list[Sample], draft_token_ids: tuple[int, ...]) -> list[Sample]:
+    """The target's samples at each position, kept while they equal the draft: lossless for greedy
+    and, since a draft token is a point mass q, exactly rejection sampling (accept x with p(x), else
+    sample p without x) for sampled requests. Always ends with one token the draft did not give."""
+    for j, draft in enumerate(draft_token_ids):
+        if samples[j][0] != draft:
+            return samples[: j + 1]
+    return samples

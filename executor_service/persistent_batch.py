@@ -32,11 +32,13 @@ class SequenceState:
 
 @dataclass(frozen=True, slots=True)
 class ScheduledSequence:
-    """A sequence computing `num_tokens` tokens from `start` this step."""
+    """A sequence computing `num_tokens` tokens from `start` this step: known tokens, then its
+    `draft_token_ids` (speculative decoding), which the step verifies."""
 
     state: SequenceState
     start: int
     num_tokens: int
+    draft_token_ids: tuple[int, ...] = ()
 
     @property
     def end(self) -> int:
@@ -44,8 +46,15 @@ class ScheduledSequence:
 
     @property
     def samples(self) -> bool:
-        """Whether this step reaches the end of the known tokens, so a token is sampled."""
-        return self.end == len(self.state.token_ids)
+        """Whether this step reaches the end of the known tokens (and drafts), so a token is sampled."""
+        return self.end == len(self.state.token_ids) + len(self.draft_token_ids)
+
+    @property
+    def input_token_ids(self) -> list[int]:
+        """The token ids this step computes, drafts last."""
+        if not self.draft_token_ids:
+            return self.state.token_ids[self.start : self.end]
+        return [*self.state.token_ids[self.start :], *self.draft_token_ids]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,11 +134,13 @@ class PersistentBatch:
                 raise FailedPrecondition(
                     f"sequence {cont.sequence_id} is not held by this executor; send it as new"
                 )
-            if cont.draft_token_ids:
-                raise InvalidArgument("draft tokens (speculative decoding) are not supported by this executor yet")
+            num_drafts = len(cont.draft_token_ids)
+            if num_drafts:
+                self._validate_drafts(cont.sequence_id, cont.draft_token_ids, state, cont.num_scheduled_tokens)
             self._validate_span(
                 cont.sequence_id, state.num_computed_tokens, cont.num_scheduled_tokens,
-                len(state.token_ids), len(state.block_ids) + len(cont.new_block_ids), cont.new_block_ids,
+                len(state.token_ids) + num_drafts, len(state.block_ids) + len(cont.new_block_ids),
+                cont.new_block_ids,
             )
         if len(seen) > limits.max_num_seqs:
             raise InvalidArgument(f"{len(seen)} sequences in one step exceed max_num_seqs {limits.max_num_seqs}")
@@ -137,6 +148,22 @@ class PersistentBatch:
             raise InvalidArgument(
                 f"{plan.num_scheduled_tokens} tokens in one step exceed max_num_batched_tokens "
                 f"{limits.max_num_batched_tokens}"
+            )
+
+    def _validate_drafts(
+        self, sequence_id: int, draft_token_ids: tuple[int, ...], state: SequenceState, num_scheduled: int
+    ) -> None:
+        """Drafts follow the known tokens and are all computed this step, which reaches their end."""
+        bad = [t for t in draft_token_ids if not 0 <= t < self.limits.vocab_size]
+        if bad:
+            raise InvalidArgument(
+                f"sequence {sequence_id}: draft token ids {bad[:5]} outside the vocabulary [0, {self.limits.vocab_size})"
+            )
+        num_tokens = len(state.token_ids) + len(draft_token_ids)
+        if state.num_computed_tokens + num_scheduled != num_tokens:
+            raise InvalidArgument(
+                f"sequence {sequence_id}: a step with {len(draft_token_ids)} draft tokens must compute up to their "
+                f"end: {state.num_computed_tokens} computed + {num_scheduled} scheduled != {num_tokens}"
             )
 
     def _validate_slot(self, what: str, slot: int) -> None:
@@ -219,5 +246,7 @@ class PersistentBatch:
         for cont in plan.continued_sequences:
             state = self.sequences[cont.sequence_id]
             state.block_ids.extend(cont.new_block_ids)
-            scheduled.append(ScheduledSequence(state, state.num_computed_tokens, cont.num_scheduled_tokens))
+            scheduled.append(ScheduledSequence(
+                state, state.num_computed_tokens, cont.num_scheduled_tokens, tuple(cont.draft_token_ids)
+            ))
         return scheduled

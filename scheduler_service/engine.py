@@ -149,6 +149,7 @@ class Engine:
             sampling=params.to_options(model.eos_token_ids),
             cache_salt=cache_salt,
             adapter=adapter,
+            speculative=params.speculative,
             max_num_tokens=None if params.max_tokens is None else len(prompt_token_ids) + params.max_tokens,
         )
         self._place(seq)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scheduler_service.executor_discovery import ExecutorTarget
+from scheduler_service.speculative.speculative_config import SpeculativeConfig
 from shared.scheduler_identity import PROCESS_SCHEDULER_ID
 from shared.setting import setting
 
@@ -67,11 +68,21 @@ class EngineConfig:
         "(more at runtime: LoadAdapter, POST /v1/load_lora_adapter); needs --enable-lora",
         default_text="none",
     )
+    speculative_config: str | None = setting(
+        None, metavar="JSON", help='speculative decoding, as vLLM spells it: \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\' (drafts proposed here '
+        "from each request's own tokens, verified in the target forward; the tokens do not change; plans are "
+        "then sent one at a time)", default_text="off",
+    )
     scheduler_id: str = setting(
         PROCESS_SCHEDULER_ID, help="this scheduler's name to its executors: each serves one scheduler id at a "
         "time, and a restarted scheduler with the same id reclaims its executors at once",
         default_text="random per process",
     )
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        return None if self.speculative_config is None else SpeculativeConfig.parse(self.speculative_config)
 
     def __post_init__(self) -> None:
         if isinstance(self.executor_addresses, str):
@@ -108,6 +119,8 @@ class EngineConfig:
                 raise ValueError(f"--lora-modules takes NAME=PATH entries, got {module!r}")
         if self.lora_modules and not self.enable_lora:
             raise ValueError("--lora-modules needs --enable-lora")
+        if self.speculative_config is not None:
+            SpeculativeConfig.parse(self.speculative_config)
         if not self.scheduler_id:
             raise ValueError("--scheduler-id must not be empty")
         if self.reconnect_grace_seconds < 0:

@@ -20,6 +20,7 @@ from scheduler_service.lora.adapter_registry import Adapter
 from scheduler_service.replica_status import ReplicaStatus
 from scheduler_service.scheduler import Scheduler, StepRejected
 from scheduler_service.scheduler_config import SchedulerConfig
+from scheduler_service.speculative.draft_proposer import proposer_from
 from scheduler_service.sequence import Sequence
 from scheduler_service.step_stats import StepStats
 from shared.errors import PagewireError, Unavailable
@@ -81,6 +82,9 @@ class ExecutorReplica:
     def __init__(self, address: str, config: EngineConfig, owner: ReplicaOwner, observer: EngineObserver) -> None:
         self.address = address
         self.config = config
+        # A speculated sequence's next step depends on how many drafts its last one accepted: with
+        # speculation on, plans go one at a time (no overlap), as in vLLM's first spec-decode engines.
+        self._max_plans_in_flight = 1 if config.speculative_config is not None else config.max_plans_in_flight
         self.owner = owner
         self.observer = observer
         self.client = ExecutorClient(address, config.scheduler_id)
@@ -346,7 +350,7 @@ class ExecutorReplica:
         )
         pool = BlockPool(description.num_device_blocks)
         kv_cache_manager = KVCacheManager(pool, description.block_size, config.enable_prefix_caching)
-        return Scheduler(scheduler_config, kv_cache_manager)
+        return Scheduler(scheduler_config, kv_cache_manager, proposer_from(config.speculative))
 
     async def _step(self) -> None:
         """One iteration: fill the pipeline up to `max_plans_in_flight` plans, then await, apply and
@@ -355,7 +359,7 @@ class ExecutorReplica:
         scheduler = self.scheduler
         assert scheduler is not None
         started = time.perf_counter()
-        while scheduler.num_in_flight < self.config.max_plans_in_flight:
+        while scheduler.num_in_flight < self._max_plans_in_flight:
             plan = scheduler.schedule()
             if plan is None:
                 break

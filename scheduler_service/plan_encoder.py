@@ -86,7 +86,9 @@ class PlanEncoder:
             else:
                 assert len(block_ids) >= num_sent, f"block table of sequence {seq.sequence_id} shrank"
                 continued_sequences.append(
-                    ContinuedSequence(seq.sequence_id, num_scheduled_tokens, tuple(block_ids[num_sent:]))
+                    ContinuedSequence(
+                        seq.sequence_id, num_scheduled_tokens, tuple(block_ids[num_sent:]), seq.draft_token_ids
+                    )
                 )
             self._num_sent_block_ids[seq.sequence_id] = len(block_ids)
         self._last_step_id += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,13 +41,21 @@ _SUMMED = tuple(
 )
 
 
+def _add(a: int | list[int], b: int | list[int]) -> int | list[int]:
+    """Counts add; per-position counts (lists) add position by position."""
+    if isinstance(a, list) and isinstance(b, list):
+        return [x + y for x, y in itertools.zip_longest(a, b, fillvalue=0)]
+    return a + b
+
+
 def sum_statuses(statuses: Sequence[ReplicaStatus]) -> ReplicaStatus:
     """Counts and counters added up; ready/draining when any is; device and block size of the first
     executor that has one."""
     counters = SchedulerCounters()
     for status in statuses:
         for field in dataclasses.fields(SchedulerCounters):
-            setattr(counters, field.name, getattr(counters, field.name) + getattr(status.counters, field.name))
+            ours, theirs = getattr(counters, field.name), getattr(status.counters, field.name)
+            setattr(counters, field.name, _add(ours, theirs))
     described = [status for status in statuses if status.device]
     return ReplicaStatus(
         address=",".join(status.address for status in statuses),

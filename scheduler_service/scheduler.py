@@ -15,6 +15,7 @@ from scheduler_service.preemption_policy import PreemptionMode, PreemptionPolicy
 from scheduler_service.scheduler_config import SchedulerConfig
 from scheduler_service.scheduler_counters import SchedulerCounters
 from scheduler_service.sequence import Sequence, SequenceStatus
+from scheduler_service.speculative.draft_proposer import DraftProposer
 from scheduler_service.swap_space import SwapSpace
 from shared.step_plan import BlockId, BlockPairs, SequenceId, SequenceOutput, StepPlan, StepResult
 
@@ -54,7 +55,9 @@ class Scheduler:
     whose end it has not yet been told.
     """
 
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, proposer: DraftProposer | None = None
+    ) -> None:
         if kv_cache_manager.block_size != config.block_size:
             raise ValueError(
                 f"KV cache manager block_size {kv_cache_manager.block_size} != config block_size "
@@ -71,6 +74,7 @@ class Scheduler:
         self.preemption_policy = PreemptionPolicy(config.preemption_mode, config.transfer_speeds)
         self.plan_encoder = PlanEncoder()
         self.lora_slots = LoraSlotTable(config.max_loras)
+        self.proposer = proposer
         self.counters = SchedulerCounters()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -159,15 +163,18 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens == 0:
-                continue
+            if seq.draft_token_ids or seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens == 0:
+                continue  # (drafts: its verification is in flight; how far it got is not known yet)
             if seq.num_output_placeholders and seq.num_tokens_with_placeholders >= self._num_tokens_limit(seq):
                 continue
             num_new_tokens = min(seq.num_uncomputed_tokens, budget)
+            drafts = self._drafts(seq, budget) if num_new_tokens == seq.num_uncomputed_tokens == 1 else ()
+            num_new_tokens += len(drafts)
             victims = self._allocate_or_preempt(seq, seq.num_computed_tokens + num_new_tokens, swap_out)
             preempted_ids.extend(victim.sequence_id for victim in victims)
             if seq.status is SequenceStatus.RUNNING:
                 self._cache_computed_blocks(seq, seq.num_computed_tokens + num_new_tokens)
+                seq.draft_token_ids = drafts
                 scheduled[seq.sequence_id] = num_new_tokens
                 budget -= num_new_tokens
 
@@ -217,10 +224,20 @@ class Scheduler:
             self.counters.num_prompt_tokens_computed += max(0, min(end, seq.num_prompt_tokens) - start)
             self.counters.num_tokens_recomputed += max(0, min(end, seq.recompute_until) - start)
             seq.num_computed_tokens = end
-            samples[sid] = end == seq.num_tokens_with_placeholders
+            samples[sid] = end - len(seq.draft_token_ids) == seq.num_tokens_with_placeholders
             seq.num_output_placeholders += samples[sid]
         self._in_flight.append(plan.step_id, samples)
         return plan
+
+    def _drafts(self, seq: Sequence, budget: int) -> tuple[int, ...]:
+        """Draft tokens for a decode of a sequence the executor holds with nothing in flight: at most
+        what the token budget and the sequence's end leave (the step samples one token past them)."""
+        if self.proposer is None or not seq.speculative or seq.num_output_placeholders:
+            return ()
+        if not self.plan_encoder.knows(seq.sequence_id):
+            return ()
+        k = min(self.proposer.num_speculative_tokens, budget - 1, self._num_tokens_limit(seq) - seq.num_tokens - 1)
+        return self.proposer.propose(seq.token_ids, k) if k > 0 else ()
 
     def _num_tokens_limit(self, seq: Sequence) -> int:
         """The length the sequence can never exceed: its request ends at it at the latest."""
@@ -318,6 +335,7 @@ class Scheduler:
         kv = self.kv_cache_manager
         victim.num_computed_tokens = min(victim.num_computed_tokens, victim.num_tokens)
         victim.num_output_placeholders = 0
+        victim.draft_token_ids = ()
         num_blocks = -(-victim.num_computed_tokens // kv.block_size)
         num_tokens_to_recompute = max(1, victim.num_tokens - kv.num_shared_prefix_tokens(victim.sequence_id))
         decision = self.preemption_policy.choose(
@@ -373,18 +391,32 @@ class Scheduler:
             expects_token = samples.pop(output.sequence_id, None)
             if expects_token is None:
                 continue
+            seq = self._sequences[output.sequence_id]
             num_expected = int(expects_token)
-            assert len(output.token_ids) == num_expected, (
-                f"sequence {output.sequence_id}: {len(output.token_ids)} tokens, expected {num_expected}"
-            )
+            if seq.draft_token_ids:
+                self._accept_drafts(seq, output.token_ids)
+            else:
+                assert len(output.token_ids) == num_expected, (
+                    f"sequence {output.sequence_id}: {len(output.token_ids)} tokens, expected {num_expected}"
+                )
             if output.token_ids:
-                seq = self._sequences[output.sequence_id]
                 seq.output_token_ids.extend(output.token_ids)
-                seq.num_output_placeholders -= len(output.token_ids)
+                seq.num_output_placeholders -= 1
                 assert seq.num_tokens <= self.config.max_model_len, f"{seq.sequence_id} outgrew max_model_len"
                 outputs.append(output)
         assert not any(samples.values()), f"step {step_id} result lacks tokens for {sorted(samples)}"
         return outputs
+
+    def _accept_drafts(self, seq: Sequence, token_ids: tuple[int, ...]) -> None:
+        """The executor kept the drafts up to the first its own sample disagreed with, then that sample:
+        computed positions roll back to the accepted ones (the rest are overwritten next step)."""
+        drafts, seq.draft_token_ids = seq.draft_token_ids, ()
+        num_accepted = len(token_ids) - 1
+        assert 0 <= num_accepted <= len(drafts) and tuple(token_ids[:num_accepted]) == drafts[:num_accepted], (
+            f"sequence {seq.sequence_id}: tokens {token_ids} do not continue drafts {drafts}"
+        )
+        seq.num_computed_tokens -= len(drafts) - num_accepted
+        self.counters.count_draft(len(drafts), num_accepted)
 
     def finish_sequence(self, sequence_id: SequenceId) -> None:
         """End a live sequence (the engine found a stop condition); raises KeyError for an unknown id."""
@@ -408,6 +440,7 @@ class Scheduler:
         self.swap_space.free(seq.sequence_id)
         seq.status = SequenceStatus.FINISHED
         seq.num_output_placeholders = 0
+        seq.draft_token_ids = ()
         del self._sequences[seq.sequence_id]
         self._in_flight.forget(seq.sequence_id)
         if self.plan_encoder.knows(seq.sequence_id):
@@ -442,6 +475,7 @@ class Scheduler:
             seq.recompute_until = max(seq.recompute_until, min(seq.num_computed_tokens, seq.num_tokens))
             seq.num_computed_tokens = 0
             seq.num_output_placeholders = 0
+            seq.draft_token_ids = ()
             seq.status = SequenceStatus.WAITING
         self.kv_cache_manager.reset_prefix_cache()
         self.plan_encoder.reset()
@@ -479,7 +513,7 @@ class Scheduler:
         for seq in self.running:
             assert seq.status is SequenceStatus.RUNNING
             assert (seq.adapter is None) == (seq.lora_slot is None), f"{seq.sequence_id}: adapter without slot"
-            assert 0 < seq.num_computed_tokens <= seq.num_tokens_with_placeholders
+            assert 0 < seq.num_computed_tokens <= seq.num_tokens_with_placeholders + len(seq.draft_token_ids)
             assert seq.num_output_placeholders == num_tokens_in_flight.get(seq.sequence_id, 0), (
                 f"{seq.sequence_id}: {seq.num_output_placeholders} placeholders, "
                 f"{num_tokens_in_flight.get(seq.sequence_id, 0)} tokens sampled in flight"
@@ -496,7 +530,7 @@ class Scheduler:
             assert seq.num_uncomputed_tokens <= 1, f"{seq.sequence_id} is a partial prompt but not the latest"
         swapped_ids = set()
         for seq in self.waiting:
-            assert seq.num_output_placeholders == 0, f"waiting {seq.sequence_id} has placeholders"
+            assert seq.num_output_placeholders == 0 and not seq.draft_token_ids, f"waiting {seq.sequence_id} has placeholders"
             assert seq.lora_slot is None, f"waiting {seq.sequence_id} pins LoRA slot {seq.lora_slot}"
             if seq.status is SequenceStatus.SWAPPED:
                 swapped_ids.add(seq.sequence_id)

@@ -53,6 +53,9 @@ class Sequence:
     recompute_until: int = 0
     num_output_placeholders: int = 0
     max_num_tokens: int | None = None
+    # Speculative decoding: whether the request allows it, and the draft tokens of the step in flight.
+    speculative: bool = True
+    draft_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = tuple(self.prompt_token_ids)

@@ -44,6 +44,7 @@ def sampling_params_from_pb(message: pb.SamplingParams) -> SamplingParams:
         ignore_eos=message.ignore_eos,
         seed=opt("seed", None),
         logprobs=opt("logprobs", None),
+        speculative=opt("speculative", True),
     )
 
 
@@ -139,6 +140,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         info.num_blocks_swapped_out = counters.num_blocks_swapped_out
         info.num_blocks_swapped_in = counters.num_blocks_swapped_in
         info.num_tokens_recomputed = counters.num_tokens_recomputed
+        info.num_drafts = counters.num_drafts
+        info.num_draft_tokens = counters.num_draft_tokens
+        info.num_accepted_draft_tokens = counters.num_accepted_draft_tokens
+        info.num_accepted_per_position.extend(counters.num_accepted_per_position)
         return info
 
     async def DrainExecutor(

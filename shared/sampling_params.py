@@ -34,6 +34,8 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    # Scheduler-side only: whether this request may be speculated (never changes its tokens).
+    speculative: bool = True
 
     def to_options(self, eos_token_ids: tuple[int, ...]) -> SamplingOptions:
         """The executor's view: before `min_tokens` output tokens, the stop token ids and EOS are banned;

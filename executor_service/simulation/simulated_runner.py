@@ -106,23 +106,31 @@ class SimulatedRunner:
         return num_blocks * self.bytes_per_block / bytes_per_second
 
     def _advance(self, s: ScheduledSequence) -> SequenceOutput:
+        """Appends the sampled token; with drafts, verifies them as a real executor does: each is kept
+        while it equals the token this executor samples there, then one sample of its own follows."""
         state = s.state
         state.num_computed_tokens = s.end
         if not s.samples:
             return SequenceOutput(sequence_id=state.sequence_id)
-        token_id = self._next_token(s)
-        state.token_ids.append(token_id)
+        token_ids: list[int] = []
+        for draft in (*s.draft_token_ids, None):
+            token_id = self._next_token(s)
+            state.token_ids.append(token_id)
+            token_ids.append(token_id)
+            if token_id != draft:
+                break
+        state.num_computed_tokens -= len(s.draft_token_ids) - (len(token_ids) - 1)
         options = state.sampling
         if options.logprobs is None:
-            return SequenceOutput(sequence_id=state.sequence_id, token_ids=(token_id,))
+            return SequenceOutput(sequence_id=state.sequence_id, token_ids=tuple(token_ids))
         vocab_size = self.batch.limits.vocab_size
-        runners_up = tuple(
-            ((token_id + k) % vocab_size, RUNNER_UP_LOGPROB) for k in range(1, options.logprobs)
-        )
-        top = ((token_id, 0.0), *runners_up) if options.logprobs > 0 else ()
+        tops = tuple(
+            ((t, 0.0), *(((t + k) % vocab_size, RUNNER_UP_LOGPROB) for k in range(1, options.logprobs)))
+            for t in token_ids
+        ) if options.logprobs > 0 else ()
         return SequenceOutput(
-            sequence_id=state.sequence_id, token_ids=(token_id,), logprobs=(0.0,),
-            top_logprobs=(top,) if top else (),
+            sequence_id=state.sequence_id, token_ids=tuple(token_ids), logprobs=(0.0,) * len(token_ids),
+            top_logprobs=tops,
         )
 
     def _next_token(self, s: ScheduledSequence) -> int:

@@ -89,6 +89,18 @@ class SchedulerCollector(Collector):
         yield gauge("pagewire:num_free_device_blocks", "Device KV blocks no sequence holds.", total.num_free_device_blocks)
         if engine.adapters.enabled:
             yield from self._lora_metrics(labels, counter)
+        if engine.config.speculative_config is not None:
+            yield counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.", counters.num_drafts)
+            yield counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.", counters.num_draft_tokens)
+            yield counter("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.",
+                          counters.num_accepted_draft_tokens)
+            per_position = CounterMetricFamily(
+                "vllm:spec_decode_num_accepted_tokens_per_pos", "Accepted tokens per draft position.",
+                labels=[*LABELS, "position"],
+            )
+            for position, count in enumerate(counters.num_accepted_per_position):
+                per_position.add_metric([*labels, str(position)], count)
+            yield per_position
 
     def _lora_metrics(self, labels: list[str], counter) -> Iterator[Metric]:
         """vLLM's `lora_requests_info` (adapter names in labels, the scrape time as value) and the

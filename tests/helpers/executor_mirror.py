@@ -76,7 +76,8 @@ class ExecutorMirror:
     its own prefix in every slot it attends to, as the executor writes a layer's K/V for the whole
     batch before that layer's attention reads. Any block shared, swapped or reused wrongly shows up as
     a slot holding other tokens. A sequence whose computed tokens reach the end of its tokens samples
-    `sampled_token`.
+    `sampled_token`; with draft tokens, it keeps those equal to `sampled_token` at their position, then
+    the first sample that differs (a correct verifier), and counts only accepted positions as computed.
     """
 
     def __init__(self, block_size: int, num_device_blocks: int, num_host_blocks: int = 0) -> None:
@@ -116,33 +117,41 @@ class ExecutorMirror:
             del self.token_ids[sequence_id], self.num_computed[sequence_id], self.block_ids[sequence_id]
         self._copy(plan.swap_out, self.device, self.host, self.num_device_blocks, self.num_host_blocks)
         self._copy(plan.swap_in, self.host, self.device, self.num_host_blocks, self.num_device_blocks)
-        work: list[tuple[int, int, int]] = []
+        work: list[tuple[int, int, int, tuple[int, ...]]] = []
         for new in plan.new_sequences:
             assert new.sequence_id not in self.token_ids
             self.token_ids[new.sequence_id] = list(new.token_ids)
             self.num_computed[new.sequence_id] = new.num_computed_tokens
             self.block_ids[new.sequence_id] = list(new.block_ids)
-            work.append((new.sequence_id, new.num_computed_tokens, new.num_scheduled_tokens))
+            work.append((new.sequence_id, new.num_computed_tokens, new.num_scheduled_tokens, ()))
         for cont in plan.continued_sequences:
             self.block_ids[cont.sequence_id].extend(cont.new_block_ids)
-            work.append((cont.sequence_id, self.num_computed[cont.sequence_id], cont.num_scheduled_tokens))
-        for sequence_id, start, num_tokens in work:
-            tokens = self.token_ids[sequence_id]
+            work.append((cont.sequence_id, self.num_computed[cont.sequence_id], cont.num_scheduled_tokens,
+                         cont.draft_token_ids))
+        for sequence_id, start, num_tokens, drafts in work:
+            tokens = [*self.token_ids[sequence_id], *drafts]
             assert start + num_tokens <= len(tokens)
+            assert not drafts or start + num_tokens == len(tokens), "drafts not computed to their end"
             for position in range(start, start + num_tokens):
                 self.device[self.slot(sequence_id, position)] = tuple(tokens[: position + 1])
         outputs = []
-        for sequence_id, start, num_tokens in work:
+        for sequence_id, start, num_tokens, drafts in work:
             tokens = self.token_ids[sequence_id]
+            with_drafts = [*tokens, *drafts]
             for position in range(start + num_tokens):
-                assert self.device.get(self.slot(sequence_id, position)) == tuple(tokens[: position + 1]), (
+                assert self.device.get(self.slot(sequence_id, position)) == tuple(with_drafts[: position + 1]), (
                     f"sequence {sequence_id} reads wrong K/V at position {position}"
                 )
             self.num_computed[sequence_id] = start + num_tokens
             sampled: tuple[int, ...] = ()
-            if start + num_tokens == len(tokens):
-                sampled = (sampled_token(sequence_id, len(tokens)),)
-                tokens.append(sampled[0])
+            if start + num_tokens == len(with_drafts):
+                known = len(tokens)
+                num_accepted = 0
+                while num_accepted < len(drafts) and drafts[num_accepted] == sampled_token(sequence_id, known + num_accepted):
+                    num_accepted += 1
+                sampled = (*drafts[:num_accepted], sampled_token(sequence_id, known + num_accepted))
+                tokens.extend(sampled)
+                self.num_computed[sequence_id] -= len(drafts) - num_accepted
             outputs.append(SequenceOutput(SequenceId(sequence_id), sampled))
         return StepResult(step_id=plan.step_id, outputs=tuple(outputs))
 

@@ -1,0 +1,1 @@
+"""Speculative decoding in the scheduler: the configuration and the n-gram (prompt lookup) proposer."""
