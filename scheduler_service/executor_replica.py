@@ -383,6 +383,7 @@ class ExecutorReplica:
             await self.client.close()
             raise Unavailable(f"executor {self.address} rejected a plan") from error
         self.owner.on_outputs(self, outputs)
+        scheduler.speculation.step_time.observe(result.timing.num_tokens, result.timing.forward_seconds)
         finished = time.perf_counter()
         # A step's wall time runs from when the executor could start on it (its plan sent, or the
         # previous result handled, whichever is later) to its result handled: with plans in flight

@@ -16,6 +16,7 @@ from scheduler_service.scheduler_config import SchedulerConfig
 from scheduler_service.scheduler_counters import SchedulerCounters
 from scheduler_service.sequence import Sequence, SequenceStatus
 from scheduler_service.speculative.draft_proposer import DraftProposer
+from scheduler_service.speculative.speculation_policy import SpeculationPolicy
 from scheduler_service.swap_space import SwapSpace
 from shared.step_plan import BlockId, BlockPairs, SequenceId, SequenceOutput, StepPlan, StepResult
 
@@ -75,6 +76,7 @@ class Scheduler:
         self.plan_encoder = PlanEncoder()
         self.lora_slots = LoraSlotTable(config.max_loras)
         self.proposer = proposer
+        self.speculation = SpeculationPolicy()
         self.counters = SchedulerCounters()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -235,6 +237,9 @@ class Scheduler:
         if self.proposer is None or not seq.speculative or seq.num_output_placeholders:
             return ()
         if not self.plan_encoder.knows(seq.sequence_id):
+            return ()
+        if not self.speculation.worth_drafting(seq.draft_acceptance):
+            seq.draft_acceptance = self.speculation.recovered(seq.draft_acceptance)
             return ()
         k = min(self.proposer.num_speculative_tokens, budget - 1, self._num_tokens_limit(seq) - seq.num_tokens - 1)
         return self.proposer.propose(seq.token_ids, k) if k > 0 else ()
@@ -416,6 +421,7 @@ class Scheduler:
             f"sequence {seq.sequence_id}: tokens {token_ids} do not continue drafts {drafts}"
         )
         seq.num_computed_tokens -= len(drafts) - num_accepted
+        seq.draft_acceptance = self.speculation.learned(seq.draft_acceptance, len(drafts), num_accepted)
         self.counters.count_draft(len(drafts), num_accepted)
 
     def finish_sequence(self, sequence_id: SequenceId) -> None:

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from scheduler_service.lora.adapter_registry import Adapter
+from scheduler_service.speculative.speculation_policy import PRIOR_ACCEPTANCE
 from shared.step_plan import SamplingOptions, SequenceId
 
 
@@ -56,6 +57,8 @@ class Sequence:
     # Speculative decoding: whether the request allows it, and the draft tokens of the step in flight.
     speculative: bool = True
     draft_token_ids: tuple[int, ...] = ()
+    # Accepted / drafted tokens, smoothed over its verifications (SpeculationPolicy).
+    draft_acceptance: float = PRIOR_ACCEPTANCE
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = tuple(self.prompt_token_ids)
