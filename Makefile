@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml setup.py
 	# executor's start-up; without a compiler the executor falls back to the torch ops, so never fatal.
 	$(PY) -c "from executor_service.ops.cpu_kernel_build import load_cpu_kernels; load_cpu_kernels()" \
 		|| echo "make install: the CPU attention kernel did not build; executors will use the torch ops"
+	$(PY) -c "from executor_service.ops.cpu_sgmv import load_cpu_sgmv_kernels; load_cpu_sgmv_kernels()" \
+		|| echo "make install: the CPU SGMV (LoRA) kernel did not build; executors will use the torch ops"
 	touch $(STAMP)
 
 # Generated code is built, not committed. The path mapping makes the generated imports read

@@ -17,6 +17,7 @@ from executor_service.lora.lora_slots import LoraSlots
 from executor_service.model.config import ModelConfig
 from executor_service.model.dtype import resolve_dtype
 from executor_service.model.loader import open_checkpoint
+from executor_service.model.weights_fingerprint import weights_fingerprint
 from executor_service.model_runner import ModelRunner
 from executor_service.ops import OpsBackend, create_ops_backend
 from executor_service.persistent_batch import BatchLimits
@@ -127,6 +128,7 @@ class Executor:
         info = ExecutorInfo(
             model_config=model_config,
             model_dir=str(checkpoint.path),
+            fingerprint=weights_fingerprint(checkpoint.path),
             dtype=str(dtype).removeprefix("torch."),
             device_name=device_name,
             ops_backend=ops.name,

@@ -64,6 +64,10 @@ class ExecutorConfig:
         30.0, help="on SIGTERM: health turns NOT_SERVING (no new work) and the Step stream is served until its "
         "scheduler closes it (no sequence left here) or this many seconds pass, then the executor exits",
     )
+    executor_token: str | None = setting(
+        None, help="require `authorization: Bearer TOKEN` on Describe and Step (env PAGEWIRE_EXECUTOR_TOKEN); "
+        "health stays open", default_text="none, open to anyone who reaches the port; `pagewire serve`: random",
+    )
     enable_lora: bool = setting(False, help="serve LoRA adapters (PEFT format) beside the base model")
     max_loras: int = setting(4, help="LoRA: adapter slots on the device, i.e. most distinct adapters in one step")
     max_lora_rank: int = setting(16, help=f"LoRA: largest adapter rank served (1 to {MAX_LORA_RANK_LIMIT})")

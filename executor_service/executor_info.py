@@ -48,6 +48,8 @@ class ExecutorInfo:
     max_num_seqs: int
     max_logprobs: int
     max_model_len: int
+    # What weights_fingerprint says of the loaded files.
+    fingerprint: str = ""
     # LoRA slots on the device (0: LoRA off) and the largest adapter rank a slot holds.
     max_loras: int = 0
     max_lora_rank: int = 0

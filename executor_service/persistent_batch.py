@@ -108,6 +108,11 @@ class PersistentBatch:
                 raise FailedPrecondition(f"sequence {new.sequence_id} is already held; send it as continued")
             if not new.token_ids:
                 raise InvalidArgument(f"sequence {new.sequence_id} has no tokens")
+            if len(new.token_ids) > limits.max_model_len:
+                raise InvalidArgument(
+                    f"sequence {new.sequence_id} has {len(new.token_ids)} tokens, more than max_model_len "
+                    f"{limits.max_model_len}"
+                )
             bad = [t for t in new.token_ids if not 0 <= t < limits.vocab_size]
             if bad:
                 raise InvalidArgument(
@@ -196,6 +201,12 @@ class PersistentBatch:
         num_blocks: int, sent_block_ids: tuple[int, ...],
     ) -> None:
         limits = self.limits
+        max_blocks = -(-limits.max_model_len // limits.block_size)
+        if num_blocks > max_blocks:
+            raise InvalidArgument(
+                f"sequence {sequence_id}: {num_blocks} blocks, more than the {max_blocks} max_model_len "
+                f"{limits.max_model_len} needs"
+            )
         bad = [b for b in sent_block_ids if not 0 <= b < limits.num_device_blocks]
         if bad:
             raise InvalidArgument(

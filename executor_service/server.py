@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from executor_service.executor_config import ExecutorConfig
 from executor_service.executor_info import LoadedExecutor
 from executor_service.servicer import ExecutorServicer
+from shared.bearer_auth import EXECUTOR_TOKEN_HOW, BearerAuthInterceptor
 from shared.pb.pagewire.v1 import executor_pb2, executor_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -44,7 +45,12 @@ async def serve(config: ExecutorConfig, shutdown_grace_seconds: float = 1.0) -> 
     short grace: the only long RPC is the scheduler's Step stream, which never ends by itself; one step
     finishes well within it, and the scheduler recomputes whatever it loses.
     """
+    interceptors = (
+        [BearerAuthInterceptor(config.executor_token, SERVICE_NAME, EXECUTOR_TOKEN_HOW, "executor token")]
+        if config.executor_token else []
+    )
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -40,6 +40,7 @@ def describe_to_pb(executor: LoadedExecutor) -> pb.ExecutorDescription:
             max_position_embeddings=info.max_model_len,
             eos_token_ids=config.eos_token_ids,
             dtype=info.dtype,
+            fingerprint=info.fingerprint,
         ),
         cache=pb.CacheInfo(
             block_size=info.block_size,

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import secrets
 import shlex
 import sys
 from collections.abc import Sequence
@@ -20,12 +21,15 @@ from pagewire.flags import HelpFormatter, add_config_flags, config_from_args
 from pagewire.generate_client import API_KEY_ENV, ClientConfig
 from pagewire.model_choice import MODEL_HELP, resolve_model
 from scheduler_service.engine_config import EngineConfig
+from shared.bearer_auth import EXECUTOR_TOKEN_ENV
 from shared.logging_setup import LOG_FORMATS, LOG_LEVELS, configure_logging
 
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_LOG_FORMAT = "auto"
 # `serve` runs the executor on this machine and gives it the scheduler's batch limits.
-SERVE_OWNS_EXECUTOR_FIELDS = ("model_dir", "host", "port", "max_num_seqs", "max_num_batched_tokens", "enable_lora")
+SERVE_OWNS_EXECUTOR_FIELDS = (
+    "model_dir", "host", "port", "max_num_seqs", "max_num_batched_tokens", "enable_lora", "executor_token",
+)
 EXIT_USAGE = 2
 
 
@@ -58,6 +62,10 @@ def _api_key(value: str | None) -> str | None:
     return value or os.environ.get(API_KEY_ENV) or None
 
 
+def _executor_token(value: str | None) -> str | None:
+    return value or os.environ.get(EXECUTOR_TOKEN_ENV) or None
+
+
 def _add_executor_parser(subparsers: argparse._SubParsersAction) -> None:
     p = _subparser(subparsers, "executor", "serve a model's tensors: weights, paged KV cache, forward")
     p.add_argument("--model", default=None, help=MODEL_HELP)
@@ -67,7 +75,8 @@ def _add_executor_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_executor(args: argparse.Namespace) -> int:
     # Flags are checked before the model is resolved (or the tiny one made).
-    config = config_from_args(ExecutorConfig, args, skip=("model_dir",), model_dir=args.model or "")
+    config = config_from_args(ExecutorConfig, args, skip=("model_dir",), model_dir=args.model or "",
+                              executor_token=_executor_token(args.executor_token))
     if config.simulate is not None and args.model:
         raise ValueError("--simulate serves no model: leave out --model (the profile names the tokenizer)")
     if config.simulate is None:
@@ -111,7 +120,8 @@ def _add_scheduler_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_scheduler(args: argparse.Namespace) -> int:
-    config = config_from_args(EngineConfig, args, api_key=_api_key(args.api_key))
+    config = config_from_args(EngineConfig, args, api_key=_api_key(args.api_key),
+                              executor_token=_executor_token(args.executor_token))
     from scheduler_service.server import serve
 
     asyncio.run(serve(config))
@@ -138,15 +148,16 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ExecutorConfig]:
     """The scheduler's and the executor's configs of `pagewire serve ARGS` (validated; resolves --model)."""
+    # The executor hop is authenticated by default: a random secret both processes get (never on argv).
     engine_config = config_from_args(
         EngineConfig, args, skip=("executor_addresses",), executor_addresses=(f"127.0.0.1:{args.executor_port}",),
-        api_key=_api_key(args.api_key),
+        api_key=_api_key(args.api_key), executor_token=_executor_token(args.executor_token) or secrets.token_urlsafe(32),
     )
     executor_config = config_from_args(
         ExecutorConfig, args, skip=SERVE_OWNS_EXECUTOR_FIELDS,
         model_dir=args.model or "", port=args.executor_port,
         max_num_seqs=engine_config.max_num_seqs, max_num_batched_tokens=engine_config.max_num_batched_tokens,
-        enable_lora=engine_config.enable_lora,
+        enable_lora=engine_config.enable_lora, executor_token=engine_config.executor_token,
     )
     # Flags are checked (above) before the model is resolved (or the tiny one made).
     if executor_config.simulate is not None:
@@ -160,7 +171,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     engine_config, executor_config = serve_configs(args)
     log_args = ["--log-level", args.log_level, "--log-format", args.log_format]
     command = executor_command(executor_config, shlex.split(args.executor_args), log_args)
-    return serve_both(command, engine_config)
+    return serve_both(command, engine_config, {EXECUTOR_TOKEN_ENV: executor_config.executor_token or ""})
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
@@ -203,7 +214,7 @@ def _run_chat(args: argparse.Namespace) -> int:
 
 def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     p = _subparser(subparsers, "bench", "benchmarks: load a running server, or compare with transformers")
-    kinds = p.add_subparsers(dest="bench_command", required=True, metavar="{serve,compare}")
+    kinds = p.add_subparsers(dest="bench_command", required=True, metavar="{serve,compare,lora,spec}")
 
     serve = _subparser(kinds, "serve", "send a workload to a running server and report serving metrics")
     serve.add_argument("--address", default="127.0.0.1:50051", help="the server's gRPC address")
@@ -250,11 +261,49 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     compare.add_argument("--seed", type=int, default=0, help="seed of the workloads")
     compare.add_argument("--repeat", type=int, default=1, help="runs per throughput figure; the best counts")
 
+    lora = _subparser(kinds, "lora", "multi-LoRA throughput vs the base model, adapter load times, CPU SGMV")
+    lora.add_argument("--output-dir", default="benchmarks/results", help="where lora.json and lora.md go")
+    lora.add_argument("--adapters", default="0,1,8,32", help="distinct adapters per pass (0: the base model)")
+    lora.add_argument("--num-requests", type=int, default=64, help="requests per pass, all sent at once")
+    lora.add_argument("--output-len", type=int, default=64, help="greedy tokens per request (EOS ignored)")
+    lora.add_argument("--rounds", type=int, default=3, help="passes per adapter count, in turns; the best counts")
+    lora.add_argument("--threads", type=int, default=2, help="the executor's torch threads")
+    lora.add_argument(
+        "--model-preset", default="standard", choices=["standard", "tiny"], help="tiny: a smoke run"
+    )
+    lora.add_argument("--seed", type=int, default=0, help="seed of the prompts")
+    lora.add_argument("--skip-sgmv", action="store_true", help="no SGMV micro-benchmark")
+    lora.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+
+    spec = _subparser(kinds, "spec", "speculative decoding off / ngram: TPOT, tok/s, acceptance per position")
+    spec.add_argument("--output-dir", default="benchmarks/results", help="where spec.json and spec.md go")
+    spec.add_argument("--model", default=None, help="checkpoint (default: SmolLM2-135M-Instruct)")
+    spec.add_argument("--batch-sizes", default="1,16,64", help="concurrencies to measure at")
+    spec.add_argument("--workloads", default="copy,chat", help="copy (quote a passage), chat (questions)")
+    spec.add_argument("--configs", default="off,ngram",
+        help="off first; ngram; off-no-overlap (off with one plan in flight, as with speculation on)")
+    spec.add_argument("--output-len", type=int, default=96, help="greedy tokens per request (EOS ignored)")
+    spec.add_argument("--loaded-output-len", type=int, default=48, help="tokens per request at batch >= 64")
+    spec.add_argument("--requests-at-batch-1", type=int, default=2, help="requests sent in turn at batch 1")
+    spec.add_argument("--num-speculative-tokens", type=int, default=4, help="ngram drafts per step")
+    spec.add_argument("--threads", type=int, default=2, help="each executor's torch threads")
+    spec.add_argument("--rounds", type=int, default=1, help="rounds, configurations in turns; the best counts")
+    spec.add_argument("--seed", type=int, default=0, help="seed of the prompts")
+    spec.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+
     def run_bench(args: argparse.Namespace) -> int:
         if args.bench_command == "serve":
             from benchmarks.serve_bench import run_serve_bench
 
             return run_serve_bench(args)
+        if args.bench_command == "lora":
+            from benchmarks.lora_bench import run_lora_bench
+
+            return run_lora_bench(args)
+        if args.bench_command == "spec":
+            from benchmarks.spec_bench import run_spec_bench
+
+            return run_spec_bench(args)
         from benchmarks.compare import run_compare
 
         return run_compare(args)

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shared.pb.pagewire.v1 import generate_pb2 as pb
 from shared.pb.pagewire.v1 import generate_pb2_grpc as pb_grpc
 from shared.setting import setting
+from shared.tls import channel_credentials
 
 GENERATION_SERVICE = "pagewire.v1.Generation"
 # How long to wait for anything to answer at the address before saying nothing listens there.
@@ -41,6 +42,13 @@ class ClientConfig:
     top_k: int | None = setting(None, help="keep the k most likely tokens", default_text="off")
     seed: int | None = setting(None, help="per-request sampling seed", default_text="unseeded")
     ignore_eos: bool = setting(False, help="keep generating past the end-of-sequence token")
+    tls_ca: str | None = setting(
+        None, metavar="PEM", help="connect over TLS, trusting this CA (the server's --tls-cert issuer)",
+        default_text="plaintext",
+    )
+    tls_client_cert: str | None = setting(None, metavar="PEM", help="mutual TLS: this client's certificate",
+                                          default_text="none")
+    tls_client_key: str | None = setting(None, metavar="PEM", help="mutual TLS: its private key", default_text="none")
     adapter: str = setting("", help="the LoRA adapter to answer with (a name ListAdapters gives)",
                            default_text="the base model")
 
@@ -73,7 +81,11 @@ class GenerationClient:
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        self.channel = grpc.insecure_channel(config.address)
+        if config.tls_ca is not None or config.tls_client_cert is not None:
+            credentials = channel_credentials(config.tls_ca, config.tls_client_cert, config.tls_client_key)
+            self.channel = grpc.secure_channel(config.address, credentials)
+        else:
+            self.channel = grpc.insecure_channel(config.address)
         self.stub = pb_grpc.GenerationStub(self.channel)
 
     def __enter__(self) -> GenerationClient:

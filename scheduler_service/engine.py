@@ -267,10 +267,12 @@ class Engine:
         since = self._homeless_since
         if since is None or time.monotonic() - since <= self.config.reconnect_grace_seconds:
             return
-        error = Unavailable(
+        self._fail_homeless(Unavailable(
             f"no executor came back within {self.config.reconnect_grace_seconds} s "
             "(--reconnect-grace-seconds); retry"
-        )
+        ))
+
+    def _fail_homeless(self, error: Unavailable) -> None:
         for seq in self._homeless:
             request = self.requests.pop(seq.sequence_id, None)
             if request is not None:
@@ -299,6 +301,9 @@ class Engine:
             return
         mismatch = self.model.mismatch(description)
         if mismatch is not None:
+            if description.fingerprint != self.model.fingerprint and self._homeless and not self.is_ready:
+                # Their answers so far came from the old weights: never continue them on other ones.
+                self._fail_homeless(Unavailable(f"the model changed under this request: {mismatch}"))
             raise ValueError(f"executor {replica.address} serves another model: {mismatch}")
         if self.config.enable_lora and description.max_lora_rank < self._max_lora_rank:
             raise ValueError(

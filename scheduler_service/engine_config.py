@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from scheduler_service.executor_discovery import ExecutorTarget
 from scheduler_service.speculative.speculative_config import SpeculativeConfig
 from shared.scheduler_identity import PROCESS_SCHEDULER_ID
+from shared.tls import check_server_files
 from shared.setting import setting
 
 PREEMPTION_MODES = ("auto", "recompute", "swap")
@@ -68,6 +69,19 @@ class EngineConfig:
         "(more at runtime: LoadAdapter, POST /v1/load_lora_adapter); needs --enable-lora",
         default_text="none",
     )
+    tls_cert: str | None = setting(
+        None, metavar="PEM", help="serve the public gRPC and HTTP APIs over TLS with this certificate (chain)",
+        default_text="plaintext",
+    )
+    tls_key: str | None = setting(None, metavar="PEM", help="the private key of --tls-cert", default_text="none")
+    tls_client_ca: str | None = setting(
+        None, metavar="PEM", help="mutual TLS: accept only clients whose certificate this CA signed",
+        default_text="any client",
+    )
+    executor_token: str | None = setting(
+        None, help="the secret the executors require (their --executor-token; env PAGEWIRE_EXECUTOR_TOKEN), sent "
+        "as `authorization: Bearer TOKEN` on Describe and Step", default_text="none; `pagewire serve`: random",
+    )
     speculative_config: str | None = setting(
         None, metavar="JSON", help='speculative decoding, as vLLM spells it: \'{"method": "ngram", '
         '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\' (drafts proposed here '
@@ -121,6 +135,7 @@ class EngineConfig:
             raise ValueError("--lora-modules needs --enable-lora")
         if self.speculative_config is not None:
             SpeculativeConfig.parse(self.speculative_config)
+        check_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
         if not self.scheduler_id:
             raise ValueError("--scheduler-id must not be empty")
         if self.reconnect_grace_seconds < 0:

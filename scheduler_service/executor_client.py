@@ -9,7 +9,8 @@ from typing import TypeVar
 import grpc
 
 from scheduler_service.executor_description import ExecutorDescription
-from shared.errors import Unavailable
+from shared.bearer_auth import bearer_metadata
+from shared.errors import Unauthenticated, Unavailable
 from shared.pb.pagewire.v1 import executor_pb2 as pb
 from shared.pb.pagewire.v1 import executor_pb2_grpc as pb_grpc
 from shared.plan_codec import plan_to_pb, result_from_pb
@@ -28,11 +29,11 @@ class ExecutorClient:
     a fresh stream (the executor then holds no sequences).
     """
 
-    def __init__(self, address: str, scheduler_id: str = PROCESS_SCHEDULER_ID) -> None:
+    def __init__(self, address: str, scheduler_id: str = PROCESS_SCHEDULER_ID, token: str | None = None) -> None:
         self.address = address
         # Sent on Describe and Step: the executor serves one scheduler id at a time (FAILED_PRECONDITION
-        # naming its owner otherwise).
-        self._metadata = ((SCHEDULER_ID_METADATA_KEY, scheduler_id),)
+        # naming its owner otherwise), and only to callers with its token when it has one.
+        self._metadata = ((SCHEDULER_ID_METADATA_KEY, scheduler_id), *bearer_metadata(token))
         self._channel: grpc.aio.Channel | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
         # Encoded size of every plan sent since start-up, for the plan-size metric.
@@ -55,6 +56,8 @@ class ExecutorClient:
             )
         except grpc.aio.AioRpcError as error:
             await self.close()
+            if error.code() is grpc.StatusCode.UNAUTHENTICATED:
+                raise Unauthenticated(str(error.details())) from error
             raise Unavailable(f"executor {self.address} is unavailable: {error.details()}") from error
         self._call = stub.Step(metadata=self._metadata)
         return ExecutorDescription.from_pb(description)

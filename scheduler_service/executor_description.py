@@ -32,6 +32,7 @@ class ExecutorDescription:
     # LoRA slots on the executor (0: LoRA off) and the largest rank one holds.
     max_loras: int = 0
     max_lora_rank: int = 0
+    fingerprint: str = ""
 
     @classmethod
     def from_pb(cls, message: pb.ExecutorDescription) -> ExecutorDescription:
@@ -62,6 +63,7 @@ class ExecutorDescription:
             ),
             max_loras=message.max_loras,
             max_lora_rank=message.max_lora_rank,
+            fingerprint=message.model.fingerprint,
         )
 
     @property
@@ -75,6 +77,9 @@ class ExecutorDescription:
 
     def same_cache_geometry(self, other: ExecutorDescription) -> bool:
         def geometry(d: ExecutorDescription) -> tuple[object, ...]:
-            return (d.block_size, d.num_device_blocks, d.num_host_blocks, d.vocab_size, d.model_path, d.max_loras)
+            return (
+                d.block_size, d.num_device_blocks, d.num_host_blocks, d.vocab_size, d.model_path, d.max_loras,
+                d.fingerprint,
+            )
 
         return geometry(self) == geometry(other)

@@ -23,7 +23,7 @@ from scheduler_service.scheduler_config import SchedulerConfig
 from scheduler_service.speculative.draft_proposer import proposer_from
 from scheduler_service.sequence import Sequence
 from scheduler_service.step_stats import StepStats
-from shared.errors import PagewireError, Unavailable
+from shared.errors import PagewireError, Unauthenticated, Unavailable
 from shared.step_plan import SequenceId, SequenceOutput, StepPlan
 
 log = structlog.get_logger(__name__)
@@ -82,12 +82,9 @@ class ExecutorReplica:
     def __init__(self, address: str, config: EngineConfig, owner: ReplicaOwner, observer: EngineObserver) -> None:
         self.address = address
         self.config = config
-        # A speculated sequence's next step depends on how many drafts its last one accepted: with
-        # speculation on, plans go one at a time (no overlap), as in vLLM's first spec-decode engines.
-        self._max_plans_in_flight = 1 if config.speculative_config is not None else config.max_plans_in_flight
         self.owner = owner
         self.observer = observer
-        self.client = ExecutorClient(address, config.scheduler_id)
+        self.client = ExecutorClient(address, config.scheduler_id, config.executor_token)
         self.description: ExecutorDescription | None = None
         self.scheduler: Scheduler | None = None
         self.stats = StepStats()
@@ -283,21 +280,16 @@ class ExecutorReplica:
             )
             await asyncio.sleep(RECONNECT_INTERVAL_SECONDS)
             return
+        except Unauthenticated as error:
+            await self._unusable(ValueError(f"it refused this scheduler's executor token: {error}"))
+            return
         try:
             self._prepare(description)
             self.owner.accept(self, description)
         except ValueError as error:
             # The executor cannot serve these settings (e.g. its KV pool is smaller than max_model_len),
             # or serves another model than the other executors.
-            await self.client.close()
-            if self.owner.on_unusable(self, error):
-                self.is_stopped = True
-                return
-            log.error(
-                "executor_unusable", address=self.address, reason=str(error),
-                retry_in_seconds=UNUSABLE_RETRY_SECONDS,
-            )
-            await asyncio.sleep(UNUSABLE_RETRY_SECONDS)
+            await self._unusable(error)
             return
         self.description = description
         self._is_ready = True
@@ -310,6 +302,17 @@ class ExecutorReplica:
         )
         self.owner.on_ready(self)
         self._wake.set()
+
+    async def _unusable(self, error: ValueError) -> None:
+        """Fatal for the first executor (the owner says so), else retried after a pause."""
+        await self.client.close()
+        if self.owner.on_unusable(self, error):
+            self.is_stopped = True
+            return
+        log.error(
+            "executor_unusable", address=self.address, reason=str(error), retry_in_seconds=UNUSABLE_RETRY_SECONDS,
+        )
+        await asyncio.sleep(UNUSABLE_RETRY_SECONDS)
 
     def _prepare(self, description: ExecutorDescription) -> None:
         """Keeps the scheduler (and its counters) for the same executor geometry, costing preemptions
@@ -359,7 +362,7 @@ class ExecutorReplica:
         scheduler = self.scheduler
         assert scheduler is not None
         started = time.perf_counter()
-        while scheduler.num_in_flight < self._max_plans_in_flight:
+        while scheduler.num_in_flight < self._max_plans_in_flight(scheduler):
             plan = scheduler.schedule()
             if plan is None:
                 break
@@ -404,6 +407,15 @@ class ExecutorReplica:
                 num_tokens=result.timing.num_tokens,
             )
         )
+
+    def _max_plans_in_flight(self, scheduler: Scheduler) -> int:
+        """A speculated sequence's next step depends on how many drafts its last one accepted, so
+        drafting needs plans one at a time; overlap pays more once drafting would not (under load)."""
+        if scheduler.proposer is not None and scheduler.speculation.worth_drafting(
+            max((seq.draft_acceptance for seq in scheduler.running if seq.speculative), default=0.0)
+        ):
+            return 1
+        return self.config.max_plans_in_flight
 
     def _mark_scheduled(self, plan: StepPlan) -> None:
         self.owner.on_scheduled(self, plan)

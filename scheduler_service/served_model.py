@@ -24,6 +24,7 @@ class ServedModel:
     max_logprobs: int
     eos_token_ids: tuple[int, ...]
     tokenizer: Tokenizer
+    fingerprint: str = ""
 
     @classmethod
     def from_description(
@@ -38,6 +39,7 @@ class ServedModel:
             max_logprobs=description.max_logprobs,
             eos_token_ids=description.eos_token_ids,
             tokenizer=tokenizer,
+            fingerprint=description.fingerprint,
         )
 
     def mismatch(self, description: ExecutorDescription) -> str | None:
@@ -49,6 +51,12 @@ class ServedModel:
             return (
                 f"it serves {theirs} (path, architecture, vocab size, EOS ids), the others {ours}; "
                 "start every executor of a scheduler with the same model"
+            )
+        if description.fingerprint != self.fingerprint:
+            return (
+                f"its weights changed (fingerprint {description.fingerprint or 'none'}, the scheduler serves "
+                f"{self.fingerprint or 'none'}) though the path is the same: the model changed; restart the "
+                "scheduler to serve the new weights, or start the executor with the old ones"
             )
         if description.max_model_len < self.max_model_len:
             return (

@@ -15,19 +15,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from scheduler_service.auth_interceptor import AuthInterceptor
 from scheduler_service.decode_error_interceptor import DecodeErrorInterceptor
 from scheduler_service.engine import Engine
 from scheduler_service.engine_config import EngineConfig
 from scheduler_service.error_interceptor import ErrorInterceptor
 from scheduler_service.grpc_server_options import grpc_server_options
-from scheduler_service.http.http_server import HttpServer
+from scheduler_service.http.http_server import HttpServer, HttpTls
 from scheduler_service.http.openai_app import create_app
 from scheduler_service.metrics.engine_metrics import EngineMetrics
 from scheduler_service.metrics.scheduler_collector import SchedulerCollector
 from scheduler_service.request_intake import RequestIntake
 from scheduler_service.served_model_name import served_model_name
 from scheduler_service.servicer import GenerationServicer
+from shared.bearer_auth import BearerAuthInterceptor
+from shared.tls import server_credentials
 from shared.pb.pagewire.v1 import generate_pb2, generate_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -53,7 +54,7 @@ async def serve(
     # Innermost last: DecodeErrorInterceptor's deserializer is the one grpc runs.
     interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(), DecodeErrorInterceptor()]
     if config.api_key:
-        interceptors.insert(0, AuthInterceptor(config.api_key))
+        interceptors.insert(0, BearerAuthInterceptor(config.api_key, SERVICE_NAME))
     server = grpc.aio.server(interceptors=interceptors, options=grpc_server_options(config))
     health_servicer = health.aio.HealthServicer()
 
@@ -73,14 +74,19 @@ async def serve(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
-    if server.add_insecure_port(address) == 0:
+    if config.tls_cert is not None and config.tls_key is not None:
+        bound = server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
         raise OSError(f"cannot listen on {address}")
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     http_server = None
     if config.http_port:
         app = create_app(engine, RequestIntake(engine), registry)
-        http_server = HttpServer(app, config.host, config.http_port, shutdown_grace_seconds)
+        http_server = HttpServer(app, config.host, config.http_port, shutdown_grace_seconds,
+                                 tls=HttpTls.of(config.tls_cert, config.tls_key, config.tls_client_ca))
         await http_server.start()
     await server.start()
     engine.start()

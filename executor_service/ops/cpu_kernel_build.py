@@ -20,7 +20,13 @@ class CpuKernelUnavailable(RuntimeError):
 
 @functools.cache
 def load_cpu_kernels() -> ModuleType:
-    """The compiled module with `paged_attention(...)`; raises CpuKernelUnavailable if it cannot build.
+    """The compiled module with `paged_attention(...)`; raises CpuKernelUnavailable if it cannot build."""
+    return build_cpu_extension("CPU attention kernel", "pagewire_cpu_attention", CPP_SOURCE, ["paged_attention"])
+
+
+def build_cpu_extension(what: str, name_prefix: str, source: str, functions: list[str]) -> ModuleType:
+    """Compiles (or loads from torch's extension cache) C++ `source` exporting `functions`; raises
+    CpuKernelUnavailable naming `what` when it cannot.
 
     The module name carries a hash of the source and the torch version, so an edited kernel or another
     torch never loads a stale build from torch's extension cache (`TORCH_EXTENSIONS_DIR`, default
@@ -28,20 +34,20 @@ def load_cpu_kernels() -> ModuleType:
     """
     missing = [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
     if missing:
-        raise CpuKernelUnavailable(f"building the CPU attention kernel needs {' and '.join(missing)} on PATH")
+        raise CpuKernelUnavailable(f"building the {what} needs {' and '.join(missing)} on PATH")
     from torch.utils.cpp_extension import load_inline
 
     import torch
 
-    digest = hashlib.sha256(f"{torch.__version__}\n{CPP_SOURCE}".encode()).hexdigest()[:12]
+    digest = hashlib.sha256(f"{torch.__version__}\n{source}".encode()).hexdigest()[:12]
     try:
         return load_inline(
-            name=f"pagewire_cpu_attention_{digest}",
-            cpp_sources=[CPP_SOURCE],
-            functions=["paged_attention"],
+            name=f"{name_prefix}_{digest}",
+            cpp_sources=[source],
+            functions=functions,
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as error:  # noqa: BLE001 (a compiler failure of any kind means: fall back)
-        raise CpuKernelUnavailable(f"building the CPU attention kernel failed: {error}") from error
+        raise CpuKernelUnavailable(f"building the {what} failed: {error}") from error

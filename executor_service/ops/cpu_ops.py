@@ -1,12 +1,17 @@
-"""The CPU ops backend: torch's cache and block ops, with paged attention by a compiled C++ kernel."""
+"""The CPU ops backend: torch's cache and block ops; paged attention and SGMV by compiled C++ kernels."""
 
 from __future__ import annotations
 
+import structlog
 import torch
 
 from executor_service.attention_metadata import AttentionMetadata
-from executor_service.ops.cpu_kernel_build import load_cpu_kernels
+from executor_service.ops import cpu_sgmv
+from executor_service.ops.cpu_kernel_build import CpuKernelUnavailable, load_cpu_kernels
+from executor_service.ops.sgmv_segments import SgmvSegments
 from executor_service.ops.torch_ops import TorchOps
+
+log = structlog.get_logger(__name__)
 
 
 class CpuOps(TorchOps):
@@ -17,12 +22,21 @@ class CpuOps(TorchOps):
     of how its prompt was chunked and of the thread count; `TorchOps` is its test oracle (equal to
     float32 rounding, not bitwise). Other dtypes and devices use the torch path. Building the kernel
     needs a C++ compiler and ninja; the constructor raises `CpuKernelUnavailable` without them.
+
+    SGMV shrink and expand (executor_service/ops/cpu_sgmv_source.py) are one kernel call per op over
+    the whole mixed batch instead of two torch ops per segment, batch-invariant the same way; if that
+    kernel alone fails to build, SGMV falls back to the torch reference.
     """
 
     name = "cpu"
 
     def __init__(self) -> None:
         self._kernels = load_cpu_kernels()
+        try:
+            self._sgmv: cpu_sgmv.CpuSgmv | None = cpu_sgmv.CpuSgmv(cpu_sgmv.load_cpu_sgmv_kernels())
+        except CpuKernelUnavailable as error:
+            log.warning("cpu_sgmv_kernel_unavailable", error=str(error))
+            self._sgmv = None
 
     def paged_attention(
         self,
@@ -48,3 +62,19 @@ class CpuOps(TorchOps):
             metadata.query_start_loc,
             scale,
         )
+
+    def sgmv_shrink(
+        self, x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, segments: SgmvSegments, scale: float
+    ) -> None:
+        if self._sgmv is None or not cpu_sgmv.kernel_applies(x, lora_a, out, segments):
+            super().sgmv_shrink(x, lora_a, out, segments, scale)
+            return
+        self._sgmv.shrink(x, lora_a, out, segments, scale)
+
+    def sgmv_expand(
+        self, v: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, segments: SgmvSegments
+    ) -> None:
+        if self._sgmv is None or not cpu_sgmv.kernel_applies(v, lora_b, out, segments):
+            super().sgmv_expand(v, lora_b, out, segments)
+            return
+        self._sgmv.expand(v, lora_b, out, segments)

@@ -20,6 +20,12 @@ def check_sgmv_shrink_args(
 ) -> None:
     """Raises ValueError unless x `[T, in]`, lora_a `[slots, rank, in]`, out `[T, rank]` float32 and
     the segments agree."""
+    check_sgmv_shrink_shapes(x, lora_a, out)
+    check_segments(segments, x.shape[0], lora_a.shape[0])
+
+
+def check_sgmv_shrink_shapes(x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor) -> None:
+    """The tensor half of `check_sgmv_shrink_args`."""
     if x.dim() != 2 or lora_a.dim() != 3 or out.dim() != 2:
         raise ValueError("sgmv_shrink needs x [tokens, in], lora_a [slots, rank, in] and out [tokens, rank]")
     if lora_a.shape[2] != x.shape[1] or out.shape != (x.shape[0], lora_a.shape[1]):
@@ -29,7 +35,6 @@ def check_sgmv_shrink_args(
         )
     if out.dtype != torch.float32:
         raise ValueError(f"sgmv_shrink writes a float32 out, got {out.dtype}")
-    check_segments(segments, x.shape[0], lora_a.shape[0])
 
 
 def check_sgmv_expand_args(
@@ -37,6 +42,12 @@ def check_sgmv_expand_args(
 ) -> None:
     """Raises ValueError unless v `[T, rank]` float32, lora_b `[slots, out, rank]`, out `[T, out]` and
     the segments agree."""
+    check_sgmv_expand_shapes(v, lora_b, out)
+    check_segments(segments, v.shape[0], lora_b.shape[0])
+
+
+def check_sgmv_expand_shapes(v: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor) -> None:
+    """The tensor half of `check_sgmv_expand_args`."""
     if v.dim() != 2 or lora_b.dim() != 3 or out.dim() != 2:
         raise ValueError(
             "sgmv_expand needs v [tokens, rank], lora_b [slots, out, rank] and out [tokens, out]"
@@ -48,7 +59,6 @@ def check_sgmv_expand_args(
         )
     if v.dtype != torch.float32:
         raise ValueError(f"sgmv_expand reads a float32 v, got {v.dtype}")
-    check_segments(segments, v.shape[0], lora_b.shape[0])
 
 
 def sgmv_shrink(

@@ -117,6 +117,7 @@ class SimulatedExecutor:
             dtype=profile.dtype,
             device_name=f"simulated {profile.device}",
             ops_backend="simulated",
+            fingerprint=f"simulated:{config.simulate}",
             block_size=config.block_size,
             num_device_blocks=num_device_blocks,
             num_host_blocks=num_host_blocks,

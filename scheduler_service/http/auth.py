@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from fastapi import Request
 
-from scheduler_service.auth_interceptor import check_authorization
+from shared.bearer_auth import check_authorization
 
 
 def require_api_key(api_key: str) -> Callable[[Request], None]:

@@ -68,9 +68,12 @@ def test_serve_whose_executor_cannot_load_exits_1_with_the_executors_error(tmp_p
     assert len(exited) == 1 and exited[0]["returncode"] == 2
 
 
-def _describe(address: str) -> executor_pb2.ExecutorDescription:
+def _describe(address: str, token: str | None = None) -> executor_pb2.ExecutorDescription:
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with grpc.insecure_channel(address) as channel:
-        return executor_pb2_grpc.ExecutorStub(channel).Describe(executor_pb2.DescribeRequest(), timeout=10)
+        return executor_pb2_grpc.ExecutorStub(channel).Describe(
+            executor_pb2.DescribeRequest(), timeout=10, metadata=metadata
+        )
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:
@@ -92,6 +95,7 @@ def test_serve_forwards_batch_limits_warns_when_the_executor_lowers_one_and_exit
              "--port", str(port), "--executor-port", str(executor_port), "--http-port", "0",
              "--max-num-seqs", "512", "--executor-args", "--max-num-batched-tokens 1024"],
             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True,
+            env=dict(os.environ, PAGEWIRE_EXECUTOR_TOKEN="serve-test-token"),
         )
     try:
         def connected() -> bool:
@@ -99,7 +103,10 @@ def test_serve_forwards_batch_limits_warns_when_the_executor_lowers_one_and_exit
             return any(e["event"] == "executor_connected" for e in log_events(log_path.read_text()))
 
         _wait_for(connected, 120, "serve never connected to its executor")
-        description = _describe(f"127.0.0.1:{executor_port}")
+        with pytest.raises(grpc.RpcError) as refused:
+            _describe(f"127.0.0.1:{executor_port}")  # the executor hop needs serve's token
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        description = _describe(f"127.0.0.1:{executor_port}", "serve-test-token")
         # The scheduler's --max-num-seqs reached the executor (its own default is 256);
         # --executor-args came last and won for the batched tokens.
         assert (description.max_num_seqs, description.max_num_batched_tokens) == (512, 1024)

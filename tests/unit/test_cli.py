@@ -132,18 +132,24 @@ def test_serve_gives_its_executor_the_schedulers_batch_limits_and_every_executor
     ])
     engine_config, executor_config = serve_configs(args)
     assert (engine_config.max_num_seqs, engine_config.executor_addresses) == (512, ("127.0.0.1:50999",))
+    # The executor hop gets a random secret by default, the same for both.
+    token = engine_config.executor_token
+    assert token and len(token) >= 32 and executor_config.executor_token == token
+    assert serve_configs(args)[0].executor_token != token
     assert executor_config == ExecutorConfig(
         model_dir=str(tmp_path), port=50999, max_num_seqs=512, max_num_batched_tokens=4096,
         kv_cache_memory_bytes=1024**3, dtype="float32", num_threads=2, seed=7, device="cpu", block_size=32,
-        ops_backend="torch",
+        ops_backend="torch", executor_token=token,
     )
     # The child's command line parses back to the same executor config (--executor-args come last, win).
     command = executor_command(executor_config, ["--block-size", "64"], ["--log-level", "debug"])
     assert command[:3] == [sys.executable, "-m", "pagewire"]
     child = build_parser().parse_args(command[3:])
     assert (child.command, child.log_level, child.model) == ("executor", "debug", str(tmp_path))
+    # The token is not on the command line: the child reads it from its environment.
+    assert token not in command
     parsed = config_from_args(ExecutorConfig, child, skip=("model_dir",), model_dir=child.model)
-    assert parsed == dataclasses.replace(executor_config, block_size=64)
+    assert parsed == dataclasses.replace(executor_config, block_size=64, executor_token=None)
 
 
 def test_serve_and_executor_without_model_use_the_default_model() -> None:
