@@ -237,6 +237,7 @@ def run_spec_bench(args: argparse.Namespace) -> int:
     bench = config_from_args(args)
     model = Path(args.model) if args.model else default_model()
     started = time.monotonic()
+    commit = _commit()  # before the servers start: what they run
     machine = describe_machine()
     with tempfile.TemporaryDirectory(prefix="pagewire-bench-spec-") as scratch:
         runs, mismatches = _serve_runs(bench, model, Path(scratch) / "logs")
@@ -246,7 +247,7 @@ def run_spec_bench(args: argparse.Namespace) -> int:
     checks = targets(best_rows(rows), COPY, max(bench.batch_sizes))
     results = {
         "command": _command(args),
-        "commit": _commit(),
+        "commit": commit,
         "model": model.name,
         "config": asdict(bench),
         "machine": machine,

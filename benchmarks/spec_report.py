@@ -12,8 +12,8 @@ from benchmarks.metrics import BenchmarkMetrics
 OFF = "off"
 NGRAM = "ngram"
 DRAFT_MODEL = "draft_model"
-# Speculation off with one plan in flight, as the scheduler runs whenever speculation is on: a
-# diagnostic that separates what verification costs or gains from what losing overlap costs.
+# Speculation off with one plan in flight, as the scheduler runs while it drafts: a diagnostic that
+# separates what verification costs or gains from what losing overlap costs.
 OFF_NO_OVERLAP = "off-no-overlap"
 SPECULATIVE_CONFIGS = (NGRAM, DRAFT_MODEL)
 # The targets: ngram at batch 1 on the copy workload, and every configuration at the top batch.

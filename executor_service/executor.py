@@ -62,6 +62,7 @@ def _lora_manager(
         return None
     host_cache = AdapterHostCache(model_config, config.max_lora_rank, config.max_cpu_loras)
     slots = LoraSlots(model_config, config.max_loras, config.max_lora_rank, dtype, device)
+    ops.prepare_lora()
     return LoraManager(host_cache, slots, ops)
 
 

@@ -281,7 +281,7 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     spec.add_argument("--batch-sizes", default="1,16,64", help="concurrencies to measure at")
     spec.add_argument("--workloads", default="copy,chat", help="copy (quote a passage), chat (questions)")
     spec.add_argument("--configs", default="off,ngram",
-        help="off first; ngram; off-no-overlap (off with one plan in flight, as with speculation on)")
+        help="off first; ngram; off-no-overlap (off with one plan in flight, as while drafting)")
     spec.add_argument("--output-len", type=int, default=96, help="greedy tokens per request (EOS ignored)")
     spec.add_argument("--loaded-output-len", type=int, default=48, help="tokens per request at batch >= 64")
     spec.add_argument("--requests-at-batch-1", type=int, default=2, help="requests sent in turn at batch 1")

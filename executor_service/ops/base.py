@@ -72,6 +72,10 @@ class OpsBackend(ABC):
         Complete (the data is in `dst_caches`) when the call returns.
         """
 
+    def prepare_lora(self) -> None:
+        """Readies the SGMV ops ahead of the first step that uses them (an executor with LoRA on calls
+        it at start-up; e.g. the CPU backend builds its kernel then). Default: nothing to do."""
+
     @abstractmethod
     def sgmv_shrink(
         self,

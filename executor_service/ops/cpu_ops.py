@@ -25,18 +25,25 @@ class CpuOps(TorchOps):
 
     SGMV shrink and expand (executor_service/ops/cpu_sgmv_source.py) are one kernel call per op over
     the whole mixed batch instead of two torch ops per segment, batch-invariant the same way; if that
-    kernel alone fails to build, SGMV falls back to the torch reference.
+    kernel alone fails to build, SGMV falls back to the torch reference. It is built by `prepare_lora`
+    (or the first SGMV call), so an executor without LoRA never builds it.
     """
 
     name = "cpu"
 
     def __init__(self) -> None:
         self._kernels = load_cpu_kernels()
+        self._sgmv: cpu_sgmv.CpuSgmv | None = None
+        self._sgmv_tried = False
+
+    def prepare_lora(self) -> None:
+        if self._sgmv_tried:
+            return
+        self._sgmv_tried = True
         try:
-            self._sgmv: cpu_sgmv.CpuSgmv | None = cpu_sgmv.CpuSgmv(cpu_sgmv.load_cpu_sgmv_kernels())
+            self._sgmv = cpu_sgmv.CpuSgmv(cpu_sgmv.load_cpu_sgmv_kernels())
         except CpuKernelUnavailable as error:
             log.warning("cpu_sgmv_kernel_unavailable", error=str(error))
-            self._sgmv = None
 
     def paged_attention(
         self,
@@ -66,6 +73,7 @@ class CpuOps(TorchOps):
     def sgmv_shrink(
         self, x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, segments: SgmvSegments, scale: float
     ) -> None:
+        self.prepare_lora()
         if self._sgmv is None or not cpu_sgmv.kernel_applies(x, lora_a, out, segments):
             super().sgmv_shrink(x, lora_a, out, segments, scale)
             return
@@ -74,6 +82,7 @@ class CpuOps(TorchOps):
     def sgmv_expand(
         self, v: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, segments: SgmvSegments
     ) -> None:
+        self.prepare_lora()
         if self._sgmv is None or not cpu_sgmv.kernel_applies(v, lora_b, out, segments):
             super().sgmv_expand(v, lora_b, out, segments)
             return

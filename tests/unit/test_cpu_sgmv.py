@@ -19,6 +19,7 @@ def cpu_ops():
         ops = CpuOps()
     except CpuKernelUnavailable as error:
         pytest.skip(str(error))
+    ops.prepare_lora()
     if ops._sgmv is None:
         pytest.skip("the CPU SGMV kernel did not build")
     return ops
