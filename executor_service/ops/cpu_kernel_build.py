@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import shutil
+import sys
 from types import ModuleType
 
 import structlog
@@ -28,8 +29,8 @@ def build_cpu_extension(what: str, name_prefix: str, source: str, functions: lis
     """Compiles (or loads from torch's extension cache) C++ `source` exporting `functions`; raises
     CpuKernelUnavailable naming `what` when it cannot.
 
-    The module name carries a hash of the source and the torch version, so an edited kernel or another
-    torch never loads a stale build from torch's extension cache (`TORCH_EXTENSIONS_DIR`, default
+    The module name carries a hash of the source, the torch version and the environment, so an edited
+    kernel or another torch never loads a stale build from torch's extension cache (`TORCH_EXTENSIONS_DIR`, default
     `~/.cache/torch_extensions`).
     """
     missing = [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
@@ -39,7 +40,9 @@ def build_cpu_extension(what: str, name_prefix: str, source: str, functions: lis
 
     import torch
 
-    digest = hashlib.sha256(f"{torch.__version__}\n{source}".encode()).hexdigest()[:12]
+    # The environment's prefix too: torch rebuilds an extension whose build flags (include paths)
+    # changed, so two virtualenvs sharing one name would rebuild it in turn on every start.
+    digest = hashlib.sha256(f"{torch.__version__}\n{sys.prefix}\n{source}".encode()).hexdigest()[:12]
     try:
         return load_inline(
             name=f"{name_prefix}_{digest}",
