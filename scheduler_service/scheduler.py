@@ -14,7 +14,9 @@ from scheduler_service.plan_encoder import PlanEncoder
 from scheduler_service.preemption_policy import PreemptionMode, PreemptionPolicy, TransferSpeeds
 from scheduler_service.scheduler_config import SchedulerConfig
 from scheduler_service.scheduler_counters import SchedulerCounters
+from scheduler_service.scheduler_invariants import check_scheduler_invariants
 from scheduler_service.sequence import Sequence, SequenceStatus
+from scheduler_service.speculative.draft_acceptance import accept_drafts
 from scheduler_service.speculative.draft_proposer import DraftProposer
 from scheduler_service.speculative.speculation_policy import SpeculationPolicy
 from scheduler_service.swap_space import SwapSpace
@@ -399,7 +401,7 @@ class Scheduler:
             seq = self._sequences[output.sequence_id]
             num_expected = int(expects_token)
             if seq.draft_token_ids:
-                self._accept_drafts(seq, output.token_ids)
+                accept_drafts(seq, output.token_ids, self.speculation, self.counters)
             else:
                 assert len(output.token_ids) == num_expected, (
                     f"sequence {output.sequence_id}: {len(output.token_ids)} tokens, expected {num_expected}"
@@ -411,18 +413,6 @@ class Scheduler:
                 outputs.append(output)
         assert not any(samples.values()), f"step {step_id} result lacks tokens for {sorted(samples)}"
         return outputs
-
-    def _accept_drafts(self, seq: Sequence, token_ids: tuple[int, ...]) -> None:
-        """The executor kept the drafts up to the first its own sample disagreed with, then that sample:
-        computed positions roll back to the accepted ones (the rest are overwritten next step)."""
-        drafts, seq.draft_token_ids = seq.draft_token_ids, ()
-        num_accepted = len(token_ids) - 1
-        assert 0 <= num_accepted <= len(drafts) and tuple(token_ids[:num_accepted]) == drafts[:num_accepted], (
-            f"sequence {seq.sequence_id}: tokens {token_ids} do not continue drafts {drafts}"
-        )
-        seq.num_computed_tokens -= len(drafts) - num_accepted
-        seq.draft_acceptance = self.speculation.learned(seq.draft_acceptance, len(drafts), num_accepted)
-        self.counters.count_draft(len(drafts), num_accepted)
 
     def finish_sequence(self, sequence_id: SequenceId) -> None:
         """End a live sequence (the engine found a stop condition); raises KeyError for an unknown id."""
@@ -500,59 +490,7 @@ class Scheduler:
         return sequences
 
     def check_integrity(self) -> None:
-        kv = self.kv_cache_manager
-        kv.check_integrity()
-        self.swap_space.check_integrity()
-        self.plan_encoder.check_integrity()
-        self.lora_slots.check_integrity(seq.lora_slot for seq in self.running if seq.lora_slot is not None)
-        running_ids = [seq.sequence_id for seq in self.running]
-        waiting_ids = [seq.sequence_id for seq in self.waiting]
-        assert len(set(running_ids)) == len(running_ids), f"a sequence runs twice: {running_ids}"
-        assert len(set(waiting_ids)) == len(waiting_ids), f"a sequence waits twice: {waiting_ids}"
-        assert not set(running_ids) & set(waiting_ids), "a sequence is both waiting and running"
-        assert set(running_ids) | set(waiting_ids) == set(self._sequences), "live sequences out of sync"
-        assert len(self.running) <= self.config.max_num_seqs
-        for queue in (self.running, self.waiting):
-            arrivals = [seq.arrival_index for seq in queue]
-            assert arrivals == sorted(arrivals), f"queue out of arrival order: {arrivals}"
-        num_tokens_in_flight = self._in_flight.num_tokens_sampled()
-        for seq in self.running:
-            assert seq.status is SequenceStatus.RUNNING
-            assert (seq.adapter is None) == (seq.lora_slot is None), f"{seq.sequence_id}: adapter without slot"
-            assert 0 < seq.num_computed_tokens <= seq.num_tokens_with_placeholders + len(seq.draft_token_ids)
-            assert seq.num_output_placeholders == num_tokens_in_flight.get(seq.sequence_id, 0), (
-                f"{seq.sequence_id}: {seq.num_output_placeholders} placeholders, "
-                f"{num_tokens_in_flight.get(seq.sequence_id, 0)} tokens sampled in flight"
-            )
-            assert seq.num_output_placeholders == 0 or seq.num_computed_tokens >= seq.num_tokens
-            assert seq.num_tokens_with_placeholders <= self._num_tokens_limit(seq), (
-                f"{seq.sequence_id} has a placeholder past its end"
-            )
-            num_table_tokens = len(kv.block_ids(seq.sequence_id)) * kv.block_size
-            assert num_table_tokens >= seq.num_computed_tokens, f"table of {seq.sequence_id} is too short"
-            num_sent = self.plan_encoder.num_sent_block_ids(seq.sequence_id)
-            assert num_sent == len(kv.block_ids(seq.sequence_id)), f"unsent blocks of {seq.sequence_id}"
-        for seq in self.running[:-1]:
-            assert seq.num_uncomputed_tokens <= 1, f"{seq.sequence_id} is a partial prompt but not the latest"
-        swapped_ids = set()
-        for seq in self.waiting:
-            assert seq.num_output_placeholders == 0 and not seq.draft_token_ids, f"waiting {seq.sequence_id} has placeholders"
-            assert seq.lora_slot is None, f"waiting {seq.sequence_id} pins LoRA slot {seq.lora_slot}"
-            if seq.status is SequenceStatus.SWAPPED:
-                swapped_ids.add(seq.sequence_id)
-                assert 0 < seq.num_computed_tokens <= seq.num_tokens
-                num_host_blocks = len(self.swap_space.block_ids(seq.sequence_id))
-                assert num_host_blocks == -(-seq.num_computed_tokens // kv.block_size), (
-                    f"swapped {seq.sequence_id}: {num_host_blocks} host blocks for "
-                    f"{seq.num_computed_tokens} tokens"
-                )
-            else:
-                assert seq.status is SequenceStatus.WAITING and seq.num_computed_tokens == 0
-        assert set(self.swap_space.sequence_ids()) == swapped_ids, "a sequence not swapped holds host blocks"
-        assert set(kv.sequence_ids()) <= set(running_ids), "a sequence that is not running holds blocks"
-        assert self.plan_encoder.known_sequence_ids() == set(running_ids) | set(self._finished_ids_to_send)
-        assert kv.num_free_blocks + kv.num_held_blocks() == kv.block_pool.num_blocks
-
+        check_scheduler_invariants(self)
 
 def _block_pairs(pairs: list[BlockPair]) -> BlockPairs:
     return BlockPairs(tuple(src for src, _ in pairs), tuple(dst for _, dst in pairs))
