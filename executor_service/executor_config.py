@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.setting import parse_bytes, setting
+from shared.tls import check_server_files
 
 MAX_LORA_RANK_LIMIT = 256
 
@@ -68,6 +69,15 @@ class ExecutorConfig:
         None, help="require `authorization: Bearer TOKEN` on Describe and Step (env PAGEWIRE_EXECUTOR_TOKEN); "
         "health stays open", default_text="none, open to anyone who reaches the port; `pagewire serve`: random",
     )
+    tls_cert: str | None = setting(
+        None, metavar="PEM", help="serve the Executor API over TLS with this certificate (chain); schedulers "
+        "then need --executor-tls-ca", default_text="plaintext",
+    )
+    tls_key: str | None = setting(None, metavar="PEM", help="the private key of --tls-cert", default_text="none")
+    tls_client_ca: str | None = setting(
+        None, metavar="PEM", help="mutual TLS: accept only schedulers whose certificate this CA signed (their "
+        "--executor-tls-client-cert)", default_text="any scheduler",
+    )
     enable_lora: bool = setting(False, help="serve LoRA adapters (PEFT format) beside the base model")
     max_loras: int = setting(4, help="LoRA: adapter slots on the device, i.e. most distinct adapters in one step")
     max_lora_rank: int = setting(16, help=f"LoRA: largest adapter rank served (1 to {MAX_LORA_RANK_LIMIT})")
@@ -114,4 +124,5 @@ class ExecutorConfig:
             raise ValueError(f"--max-lora-rank must be in [1, {MAX_LORA_RANK_LIMIT}], got {self.max_lora_rank}")
         if self.max_cpu_loras is not None and self.max_cpu_loras < 1:
             raise ValueError(f"--max-cpu-loras must be at least 1, got {self.max_cpu_loras}")
+        check_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
 

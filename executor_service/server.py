@@ -16,6 +16,7 @@ from executor_service.executor_info import LoadedExecutor
 from executor_service.servicer import ExecutorServicer
 from shared.bearer_auth import EXECUTOR_TOKEN_HOW, BearerAuthInterceptor
 from shared.pb.pagewire.v1 import executor_pb2, executor_pb2_grpc
+from shared.tls import server_credentials
 
 log = structlog.get_logger(__name__)
 
@@ -66,12 +67,17 @@ async def serve(config: ExecutorConfig, shutdown_grace_seconds: float = 1.0) -> 
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
-    if server.add_insecure_port(address) == 0:
+    if config.tls_cert is not None and config.tls_key is not None:
+        bound = server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
         raise OSError(f"cannot listen on {address}")
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    log.info("executor_listening", address=address)
+    log.info("executor_listening", address=address, tls=config.tls_cert is not None,
+             mutual_tls=config.tls_client_ca is not None)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -27,8 +27,14 @@ from shared.logging_setup import LOG_FORMATS, LOG_LEVELS, configure_logging
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_LOG_FORMAT = "auto"
 # `serve` runs the executor on this machine and gives it the scheduler's batch limits.
+# Its hop is loopback, authenticated by a random token: TLS on it is for executors on other machines.
 SERVE_OWNS_EXECUTOR_FIELDS = (
     "model_dir", "host", "port", "max_num_seqs", "max_num_batched_tokens", "enable_lora", "executor_token",
+    "tls_cert", "tls_key", "tls_client_ca",
+)
+SERVE_OWNS_SCHEDULER_FIELDS = (
+    "executor_addresses", "executor_tls_ca", "executor_tls_client_cert", "executor_tls_client_key",
+    "executor_tls_server_name",
 )
 EXIT_USAGE = 2
 
@@ -133,7 +139,7 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         subparsers, "serve", "start an executor (a child process) and the scheduler together on this machine"
     )
     p.add_argument("--model", default=None, help=MODEL_HELP)
-    add_config_flags(p, EngineConfig, skip=("executor_addresses",))
+    add_config_flags(p, EngineConfig, skip=SERVE_OWNS_SCHEDULER_FIELDS)
     executor = p.add_argument_group("executor", "the executor child (it gets the scheduler's batch limits)")
     executor.add_argument(
         "--executor-port", type=int, default=_default(ExecutorConfig, "port"), help="the executor's port"
@@ -150,7 +156,7 @@ def serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ExecutorConfi
     """The scheduler's and the executor's configs of `pagewire serve ARGS` (validated; resolves --model)."""
     # The executor hop is authenticated by default: a random secret both processes get (never on argv).
     engine_config = config_from_args(
-        EngineConfig, args, skip=("executor_addresses",), executor_addresses=(f"127.0.0.1:{args.executor_port}",),
+        EngineConfig, args, skip=SERVE_OWNS_SCHEDULER_FIELDS, executor_addresses=(f"127.0.0.1:{args.executor_port}",),
         api_key=_api_key(args.api_key), executor_token=_executor_token(args.executor_token) or secrets.token_urlsafe(32),
     )
     executor_config = config_from_args(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scheduler_service.executor_channel import ExecutorChannel
 from scheduler_service.executor_discovery import ExecutorTarget
 from scheduler_service.speculative.speculative_config import SpeculativeConfig
 from shared.scheduler_identity import PROCESS_SCHEDULER_ID
@@ -82,6 +83,21 @@ class EngineConfig:
         None, help="the secret the executors require (their --executor-token; env PAGEWIRE_EXECUTOR_TOKEN), sent "
         "as `authorization: Bearer TOKEN` on Describe and Step", default_text="none; `pagewire serve`: random",
     )
+    executor_tls_ca: str | None = setting(
+        None, metavar="PEM", help="reach the executors over TLS, trusting this CA for their certificates "
+        "(their --tls-cert)", default_text="plaintext",
+    )
+    executor_tls_client_cert: str | None = setting(
+        None, metavar="PEM", help="mutual TLS to the executors: this scheduler's certificate (for an executor with "
+        "--tls-client-ca)", default_text="none",
+    )
+    executor_tls_client_key: str | None = setting(
+        None, metavar="PEM", help="the private key of --executor-tls-client-cert", default_text="none",
+    )
+    executor_tls_server_name: str | None = setting(
+        None, metavar="NAME", help="the name the executors' certificates must carry, when it is not the host "
+        "dialled (executors addressed by IP, or by a DNS name the certificate lacks)", default_text="the host dialled",
+    )
     speculative_config: str | None = setting(
         None, metavar="JSON", help='speculative decoding, as vLLM spells it: \'{"method": "ngram", '
         '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\' (drafts proposed here '
@@ -93,6 +109,11 @@ class EngineConfig:
         "time, and a restarted scheduler with the same id reclaims its executors at once",
         default_text="random per process",
     )
+
+    @property
+    def executor_channel(self) -> ExecutorChannel:
+        return ExecutorChannel.of(self.executor_tls_ca, self.executor_tls_client_cert, self.executor_tls_client_key,
+                                  self.executor_tls_server_name)
 
     @property
     def speculative(self) -> SpeculativeConfig | None:
@@ -136,6 +157,7 @@ class EngineConfig:
         if self.speculative_config is not None:
             SpeculativeConfig.parse(self.speculative_config)
         check_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
+        self.executor_channel  # noqa: B018 - checks the --executor-tls-* files and their combination
         if not self.scheduler_id:
             raise ValueError("--scheduler-id must not be empty")
         if self.reconnect_grace_seconds < 0:

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import grpc
 
+from scheduler_service.executor_channel import ExecutorChannel
 from scheduler_service.executor_description import ExecutorDescription
 from shared.bearer_auth import bearer_metadata
 from shared.errors import Unauthenticated, Unavailable
@@ -29,8 +30,10 @@ class ExecutorClient:
     a fresh stream (the executor then holds no sequences).
     """
 
-    def __init__(self, address: str, scheduler_id: str = PROCESS_SCHEDULER_ID, token: str | None = None) -> None:
+    def __init__(self, address: str, scheduler_id: str = PROCESS_SCHEDULER_ID, token: str | None = None,
+                 channel: ExecutorChannel = ExecutorChannel()) -> None:
         self.address = address
+        self._channel_settings = channel
         # Sent on Describe and Step: the executor serves one scheduler id at a time (FAILED_PRECONDITION
         # naming its owner otherwise), and only to callers with its token when it has one.
         self._metadata = ((SCHEDULER_ID_METADATA_KEY, scheduler_id), *bearer_metadata(token))
@@ -42,9 +45,9 @@ class ExecutorClient:
     async def connect(self, timeout: float = 5.0) -> ExecutorDescription:
         """Describes the executor and opens a new Step stream; raises Unavailable when it cannot."""
         await self.close()
-        self._channel = grpc.aio.insecure_channel(
+        self._channel = self._channel_settings.open(
             self.address,
-            options=[
+            [
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],

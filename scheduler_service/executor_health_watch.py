@@ -9,6 +9,8 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from scheduler_service.executor_channel import ExecutorChannel
+
 EXECUTOR_SERVICE = "pagewire.v1.Executor"
 POLL_SECONDS = 1.0
 
@@ -20,8 +22,10 @@ class ExecutorHealthWatch:
     when it is gone). A unary Check, not a Watch stream: a stream left open would be cancelled, with
     a logged traceback, whenever the executor shuts down."""
 
-    def __init__(self, address: str, on_serving: Callable[[bool, float], None]) -> None:
+    def __init__(self, address: str, on_serving: Callable[[bool, float], None],
+                 channel: ExecutorChannel = ExecutorChannel()) -> None:
         self.address = address
+        self.channel = channel
         self.on_serving = on_serving
         self._task: asyncio.Task[None] | None = None
 
@@ -37,7 +41,7 @@ class ExecutorHealthWatch:
                 pass
 
     async def _poll(self) -> None:
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        async with self.channel.open(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             request = health_pb2.HealthCheckRequest(service=EXECUTOR_SERVICE)
             while True:

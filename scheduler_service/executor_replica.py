@@ -84,7 +84,7 @@ class ExecutorReplica:
         self.config = config
         self.owner = owner
         self.observer = observer
-        self.client = ExecutorClient(address, config.scheduler_id, config.executor_token)
+        self.client = ExecutorClient(address, config.scheduler_id, config.executor_token, config.executor_channel)
         self.description: ExecutorDescription | None = None
         self.scheduler: Scheduler | None = None
         self.stats = StepStats()
@@ -93,7 +93,7 @@ class ExecutorReplica:
         # The executor's health said NOT_SERVING (it is shutting down): no new work until it reconnects.
         self.is_leaving = False
         self.is_stopped = False
-        self.health_watch = ExecutorHealthWatch(address, self._on_health)
+        self.health_watch = ExecutorHealthWatch(address, self._on_health, config.executor_channel)
         self._is_ready = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None

@@ -27,30 +27,36 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def health_status(address: str, service: str = "", timeout: float = 1.0) -> int | None:
-    """The health service's answer for `service`, or None when the server does not answer."""
+def health_status(address: str, service: str = "", timeout: float = 1.0,
+                  credentials: grpc.ChannelCredentials | None = None) -> int | None:
+    """The health service's answer for `service` (over TLS with `credentials`), or None when the server
+    does not answer."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        channel = grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
     except grpc.RpcError:
         return None
 
 
-def wait_serving(address: str, process: subprocess.Popen, service: str = "", timeout: float = 120.0) -> None:
+def wait_serving(address: str, process: subprocess.Popen, service: str = "", timeout: float = 120.0,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"process exited with {process.returncode} before serving on {address}")
-        if health_status(address, service) == health_pb2.HealthCheckResponse.SERVING:
+        if health_status(address, service, credentials=credentials) == health_pb2.HealthCheckResponse.SERVING:
             return
         time.sleep(0.2)
     raise TimeoutError(f"{address} was not SERVING within {timeout} s")
 
 
 @contextlib.contextmanager
-def running(args: list[str], address: str, service: str = "", timeout: float = 120.0) -> Iterator[subprocess.Popen]:
-    """Runs `pagewire ARGS...` until the block ends; SIGTERM then, and kill if it lingers.
+def running(args: list[str], address: str, service: str = "", timeout: float = 120.0,
+            credentials: grpc.ChannelCredentials | None = None) -> Iterator[subprocess.Popen]:
+    """Runs `pagewire ARGS...` until the block ends; SIGTERM then, and kill if it lingers. Its health is
+    asked over TLS with `credentials`.
 
     The service's stderr goes to a temporary file (a pipe read only at exit would fill up and block
     a chatty service); its tail is printed when the service did not exit cleanly.
@@ -66,7 +72,7 @@ def running(args: list[str], address: str, service: str = "", timeout: float = 1
             text=True,
         )
         try:
-            wait_serving(address, process, service, timeout)
+            wait_serving(address, process, service, timeout, credentials)
             yield process
         finally:
             stop_child(process)

@@ -184,3 +184,39 @@ def test_request_sent_right_after_the_executor_stopped_does_not_hang(
             wait_health(address, GENERATION_SERVICE, SERVING, timeout=RECONNECT_TIMEOUT_SECONDS)
             assert generate_tokens(address) == before
             assert_ready_and_idle(address)
+
+
+def test_kill_9_without_restart_ends_the_request_unavailable_after_the_grace_then_recovers(
+    model_dir: Path,
+) -> None:
+    """An executor killed mid-stream and not back within --reconnect-grace-seconds (2 here): the stream
+    ends with UNAVAILABLE naming the executor within the grace plus a few seconds, after the tokens it
+    already had (no token repeated or wrong); new requests fail fast meanwhile; an executor started
+    later serves the same request again from the start, and every block is free after."""
+    executor_port = free_port()
+    with running_scheduler(f"127.0.0.1:{executor_port}", "--reconnect-grace-seconds", "2") as address:
+        message = greedy_request(max_tokens=400)
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            with killed_executor(model_dir, executor_port) as executor:
+                wait_health(address, GENERATION_SERVICE, SERVING, timeout=RECONNECT_TIMEOUT_SECONDS)
+                reference = [t for r in stub.Generate(message, timeout=60) for t in r.token_ids]
+                call = stub.Generate(message, timeout=60)
+                received: list[int] = []
+                while len(received) < 20:
+                    received.extend(next(call).token_ids)
+                executor.kill()
+                killed_at = time.monotonic()
+                with pytest.raises(grpc.RpcError) as caught:
+                    for response in call:
+                        received.extend(response.token_ids)
+                ended_after = time.monotonic() - killed_at
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+            assert "executor" in caught.value.details()
+            assert ended_after < 2 + LOSS_DETECTED_WITHIN_SECONDS
+            assert 20 <= len(received) < 400 and received == reference[:len(received)]
+            assert_unavailable(address)
+            with killed_executor(model_dir, executor_port):
+                wait_health(address, GENERATION_SERVICE, SERVING, timeout=RECONNECT_TIMEOUT_SECONDS)
+                assert [t for r in stub.Generate(message, timeout=60) for t in r.token_ids] == reference
+                assert_ready_and_idle(address)

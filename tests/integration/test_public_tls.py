@@ -23,31 +23,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from executor_service.tiny_model import create_tiny_model
 from shared.child_process import stop_child
 from shared.tls import channel_credentials
+from tests.helpers.pki import make_pki
 from tests.helpers.processes import REPO_ROOT, free_port, running_executor
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ca.pem/ca.key; server.pem/server.key for 127.0.0.1 signed by the CA; client.pem/client.key too;
-    other-ca.pem and a client cert it signed (other-client.*)."""
-    d = tmp_path_factory.mktemp("pki")
-    for ca in ("ca", "other-ca"):
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={ca}",
-                "-keyout", f"{ca}.key", "-out", f"{ca}.pem", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name, ca, extra in (("server", "ca", ["-extfile", "san.ext"]), ("client", "ca", []),
-                            ("other-client", "other-ca", [])):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-                "-out", f"{name}.csr", cwd=d)
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-                "-days", "2", "-out", f"{name}.pem", *extra, cwd=d)
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
