@@ -15,6 +15,7 @@ from benchmarks.progress import ProgressBar
 from benchmarks.workloads import BenchRequest
 from shared.pb.pagewire.v1 import generate_pb2 as pb
 from shared.pb.pagewire.v1 import generate_pb2_grpc as pb_grpc
+from shared.tls import channel_credentials
 
 READY_POLL_INTERVAL_S = 0.2
 # 5 prompt + 2 output tokens stay below the smallest block size (8), so no block of it is ever cached.
@@ -23,13 +24,23 @@ WARMUP_PROMPT_TOKEN_IDS = (1, 2, 3, 4, 5)
 
 @dataclass(frozen=True, slots=True)
 class LoadOptions:
-    """How requests are sent. `max_concurrency=None` puts no cap on requests in flight."""
+    """How requests are sent. `max_concurrency=None` puts no cap on requests in flight. `api_key` goes out
+    as `authorization: Bearer KEY`; `tls_ca` (and for mutual TLS the client certificate and key) make the
+    channel TLS, as `pagewire generate`'s flags of the same names do."""
 
     temperature: float = 0.0
     ignore_eos: bool = False
     seed: int | None = None
     max_concurrency: int | None = None
     timeout_s: float = 600.0
+    api_key: str | None = None
+    tls_ca: str | None = None
+    tls_client_cert: str | None = None
+    tls_client_key: str | None = None
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
 
     def __post_init__(self) -> None:
         if self.max_concurrency is not None and self.max_concurrency < 1:
@@ -57,18 +68,27 @@ def to_pb(request: BenchRequest, options: LoadOptions, request_id: str = "") -> 
     return pb.GenerateRequest(request_id=request_id, text=request.prompt_text, sampling=sampling)
 
 
-def _channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+def _channel(address: str, options: LoadOptions) -> grpc.aio.Channel:
+    channel_options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    if options.tls_ca is None and options.tls_client_cert is None:
+        return grpc.aio.insecure_channel(address, options=channel_options)
+    credentials = channel_credentials(options.tls_ca, options.tls_client_cert, options.tls_client_key)
+    return grpc.aio.secure_channel(address, credentials, options=channel_options)
 
 
-async def wait_until_ready(address: str, timeout_s: float) -> pb.ServerInfo:
-    """The server's info once it is connected to a ready executor; raises TimeoutError otherwise."""
+async def wait_until_ready(address: str, timeout_s: float, options: LoadOptions = LoadOptions()) -> pb.ServerInfo:
+    """The server's info once it is connected to a ready executor; raises TimeoutError otherwise, and
+    PermissionError at once when the server refuses this client's API key."""
     deadline = time.monotonic() + timeout_s
-    async with _channel(address) as channel:
+    async with _channel(address, options) as channel:
         stub = pb_grpc.GenerationStub(channel)
         while True:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                info = await stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
+            try:
+                info = await stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5, metadata=options.metadata)
+            except grpc.aio.AioRpcError as error:
+                if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    raise PermissionError(f"the server at {address} refused this client: {error.details()}") from None
+            else:
                 if info.executor_ready:
                     return info
             if time.monotonic() > deadline:
@@ -96,7 +116,7 @@ async def _run_one(
         error = ""
         try:
             async for response in stub.Generate(
-                to_pb(request, options, f"bench-{index}"), timeout=options.timeout_s
+                to_pb(request, options, f"bench-{index}"), timeout=options.timeout_s, metadata=options.metadata
             ):
                 if response.token_ids:
                     chunk_times.append(time.perf_counter() - started)
@@ -135,7 +155,7 @@ async def run_load(
         raise ValueError(f"{len(offsets)} arrival offsets for {len(requests)} requests")
     progress = progress or ProgressBar(len(requests), "requests", enabled=False)
     limit = asyncio.Semaphore(options.max_concurrency) if options.max_concurrency else None
-    async with _channel(address) as channel:
+    async with _channel(address, options) as channel:
         stub = pb_grpc.GenerationStub(channel)
         started = time.perf_counter()
         records = await asyncio.gather(
@@ -159,7 +179,7 @@ async def warm_up(address: str, like: BenchRequest, options: LoadOptions) -> Non
         short = BenchRequest(max_tokens=2, prompt_token_ids=WARMUP_PROMPT_TOKEN_IDS)
     else:
         short = BenchRequest(max_tokens=2, prompt_text="Hi")
-    async with _channel(address) as channel:
+    async with _channel(address, options) as channel:
         stub = pb_grpc.GenerationStub(channel)
-        async for _ in stub.Generate(to_pb(short, options), timeout=options.timeout_s):
+        async for _ in stub.Generate(to_pb(short, options), timeout=options.timeout_s, metadata=options.metadata):
             pass

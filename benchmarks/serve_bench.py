@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 from typing import Any
 
 from benchmarks.arrivals import arrival_offsets
@@ -19,6 +20,7 @@ from benchmarks.workloads import (
     shared_prefix_requests,
     sharegpt_requests,
 )
+from pagewire.generate_client import API_KEY_ENV
 from shared.pb.pagewire.v1 import generate_pb2 as pb
 
 DEFAULT_OUTPUT_LEN = "64"
@@ -86,15 +88,19 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _serve_bench(args: argparse.Namespace) -> tuple[pb.ServerInfo, LoadResult]:
-    info = await wait_until_ready(args.address, args.timeout)
-    requests = build_requests(args, info.vocab_size)
     options = LoadOptions(
         temperature=args.temperature,
         ignore_eos=args.ignore_eos,
         seed=None if args.temperature == 0 else args.seed,
         max_concurrency=args.max_concurrency,
         timeout_s=args.timeout,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV),
+        tls_ca=args.tls_ca,
+        tls_client_cert=args.tls_client_cert,
+        tls_client_key=args.tls_client_key,
     )
+    info = await wait_until_ready(args.address, args.timeout, options)
+    requests = build_requests(args, info.vocab_size)
     await warm_up(args.address, requests[0], options)
     offsets = arrival_offsets(len(requests), args.request_rate, args.seed)
     progress = ProgressBar(len(requests), "requests", enabled=not args.no_progress)

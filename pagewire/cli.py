@@ -252,6 +252,13 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--plot", default=None, metavar="FILE.png",
         help="latencies and throughput over time (default: not drawn)")
     serve.add_argument("--timeout", type=float, default=600.0, help="seconds for the server and each request")
+    serve.add_argument("--api-key", default=None,
+        help="sent as `authorization: Bearer KEY`, env PAGEWIRE_API_KEY (default: none)")
+    serve.add_argument("--tls-ca", default=None, metavar="PEM",
+        help="connect over TLS, trusting this CA (default: plaintext)")
+    serve.add_argument("--tls-client-cert", default=None, metavar="PEM",
+        help="mutual TLS: this client's certificate (default: none)")
+    serve.add_argument("--tls-client-key", default=None, metavar="PEM", help="mutual TLS: its private key (default: none)")
     serve.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     compare = _subparser(kinds, "compare", "the standard CPU comparison: pagewire vs transformers")

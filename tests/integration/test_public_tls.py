@@ -130,3 +130,20 @@ def test_bad_tls_settings_exit_2_naming_the_flag(pki: Path, args: tuple[str, ...
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_the_serving_benchmark_connects_with_mutual_tls_and_an_api_key(executor_address: str, pki: Path) -> None:
+    with tls_scheduler(executor_address, "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
+                       "--tls-client-ca", str(pki / "ca.pem"), "--api-key", "bench-key") as (address, _):
+        client = ["--tls-ca", str(pki / "ca.pem"), "--tls-client-cert", str(pki / "client.pem"),
+                  "--tls-client-key", str(pki / "client.key")]
+        bench = [sys.executable, "-m", "pagewire", "bench", "serve", "--address", address, "--num-prompts", "3",
+                 "--input-len", "4", "--output-len", "2", "--no-progress", "--timeout", "60", *client]
+        done = subprocess.run([*bench, "--api-key", "bench-key"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=180)
+        assert done.returncode == 0, done.stderr
+        assert "Successful requests:" in done.stdout and " 3" in done.stdout
+        refused = subprocess.run([*bench, "--api-key", "wrong"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                 timeout=180)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "refused this client" in refused.stderr
