@@ -13,6 +13,9 @@ from __future__ import annotations
 from shared.errors import FailedPrecondition
 
 ANONYMOUS_ID = ""
+# A scheduler refused this long ago or less still counts as waiting for this executor: schedulers retry
+# a refused executor every fraction of a second, so one that stopped asking has gone elsewhere or died.
+WAITING_SECONDS = 5.0
 
 
 class ExecutorLease:
@@ -28,6 +31,7 @@ class ExecutorLease:
         self.epoch = 0
         self.is_stream_open = False
         self.released_at = 0.0
+        self._refused_at: dict[str, float] = {}
 
     def holder(self, now: float) -> str | None:
         """The scheduler id that holds the lease at `now`; None when any scheduler may take it."""
@@ -42,6 +46,8 @@ class ExecutorLease:
         holder = self.holder(now)
         if holder is None or holder == scheduler_id:
             return
+        if scheduler_id != ANONYMOUS_ID:
+            self._refused_at[scheduler_id] = now
         owner = "an anonymous client" if holder == ANONYMOUS_ID else f"scheduler {holder!r}"
         if self.is_stream_open:
             held = "its Step stream is open"
@@ -75,3 +81,20 @@ class ExecutorLease:
         self.is_stream_open = False
         self.released_at = now
         return True
+
+    def waiting(self, now: float) -> tuple[str, ...]:
+        """Scheduler ids refused within `WAITING_SECONDS` before `now`, the holder excluded, sorted."""
+        holder = self.holder(now)
+        self._refused_at = {i: at for i, at in self._refused_at.items() if now - at <= WAITING_SECONDS}
+        return tuple(sorted(i for i in self._refused_at if i != holder))
+
+    def release(self, scheduler_id: str) -> None:
+        """The owner gives the lease up now, once its stream has ended: any scheduler may take it next.
+        Raises FailedPrecondition for anyone else, or while the owner's stream is open."""
+        if self.owner_id != scheduler_id or scheduler_id == ANONYMOUS_ID:
+            raise FailedPrecondition(
+                f"only the owner may release this executor's lease; it is {self.owner_id!r}, not {scheduler_id!r}"
+            )
+        if self.is_stream_open:
+            raise FailedPrecondition("the lease is released after the Step stream ends; close it first")
+        self.owner_id = None

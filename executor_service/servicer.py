@@ -173,6 +173,24 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 await loop.run_in_executor(self._worker, executor.runner.reset)
             log.info("step_stream_closed", epoch=epoch, scheduler_id=scheduler_id)
 
+    async def GetLease(self, request: pb.GetLeaseRequest, context: grpc.aio.ServicerContext) -> pb.LeaseInfo:
+        return self._lease_info()
+
+    async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context: grpc.aio.ServicerContext) -> pb.LeaseInfo:
+        scheduler_id = scheduler_id_of(context)
+        try:
+            self.lease.release(scheduler_id)
+        except FailedPrecondition as error:
+            await context.abort(error.code, str(error))
+        log.info("lease_released", scheduler_id=scheduler_id)
+        return self._lease_info()
+
+    def _lease_info(self) -> pb.LeaseInfo:
+        now = time.monotonic()
+        holder = self.lease.holder(now)
+        return pb.LeaseInfo(owner_id=holder or "", is_free=holder is None,
+                            waiting_scheduler_ids=self.lease.waiting(now))
+
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
         if self.executor is not None:

@@ -17,6 +17,7 @@ from scheduler_service.engine_observer import EngineObserver
 from scheduler_service.executor_description import ExecutorDescription
 from scheduler_service.executor_discovery import ExecutorDiscovery, Resolver, resolve_host
 from scheduler_service.executor_replica import ExecutorReplica
+from scheduler_service.fair_share import num_to_give_up
 from scheduler_service.lora.adapter_catalog import AdapterCatalog
 from scheduler_service.lora.adapter_registry import Adapter
 from scheduler_service.placement import PlacementCandidate, choose_replica
@@ -400,6 +401,24 @@ class Engine:
                 request.timeline.mark_scheduled(now)
 
     def on_leaving(self, replica: ExecutorReplica) -> None:
+        self._update_ready()
+
+    def on_waiting_schedulers(self, replica: ExecutorReplica) -> None:
+        """Gives one executor up when other schedulers wait and this one holds more than its fair share
+        (fair_share.py); one at a time, the least loaded, never the last."""
+        owned = [r for r in self.replicas.values() if r.is_ready]
+        if any(r.is_yielding for r in owned):
+            return
+        others = {scheduler_id for r in owned for scheduler_id in r.waiting_schedulers}
+        if num_to_give_up(len(owned), len(self.replicas), len(others)) == 0:
+            return
+        candidates = [r for r in owned if r.accepts_work]
+        if len(candidates) < 2:
+            return
+        victim = min(candidates, key=lambda r: r.num_load_tokens())
+        log.info("executor_share_exceeded", num_owned=len(owned), num_executors=len(self.replicas),
+                 other_schedulers=sorted(others), giving_up=victim.address)
+        victim.give_up()
         self._update_ready()
 
     def on_adapter_unreadable(self, replica: ExecutorReplica, adapter: Adapter, reason: str) -> None:

@@ -23,13 +23,18 @@ from scheduler_service.scheduler_config import SchedulerConfig
 from scheduler_service.speculative.draft_proposer import proposer_from
 from scheduler_service.sequence import Sequence
 from scheduler_service.step_stats import StepStats
+from shared.bearer_auth import bearer_metadata
 from shared.errors import PagewireError, Unauthenticated, Unavailable
+from shared.scheduler_identity import SCHEDULER_ID_METADATA_KEY
 from shared.step_plan import SequenceId, SequenceOutput, StepPlan
 
 log = structlog.get_logger(__name__)
 
 RECONNECT_INTERVAL_SECONDS = 0.5
 UNUSABLE_RETRY_SECONDS = 5.0
+# After giving an executor up to a waiting scheduler, this long before asking for it again (several of
+# that scheduler's retries, so it takes the executor first).
+YIELD_BACKOFF_SECONDS = 3.0
 
 
 class ReplicaOwner(Protocol):
@@ -61,7 +66,10 @@ class ReplicaOwner(Protocol):
         """The executor could not read `adapter`'s files: its requests must fail, the stream restarts."""
 
     def on_leaving(self, replica: ExecutorReplica) -> None:
-        """The executor is shutting down: it takes no new work."""
+        """The executor is shutting down (or was given up): it takes no new work."""
+
+    def on_waiting_schedulers(self, replica: ExecutorReplica) -> None:
+        """Which other schedulers ask for this executor changed (`replica.waiting_schedulers`)."""
 
 
 class ExecutorReplica:
@@ -93,7 +101,16 @@ class ExecutorReplica:
         # The executor's health said NOT_SERVING (it is shutting down): no new work until it reconnects.
         self.is_leaving = False
         self.is_stopped = False
-        self.health_watch = ExecutorHealthWatch(address, self._on_health, config.executor_channel)
+        self.health_watch = ExecutorHealthWatch(
+            address, self._on_health, config.executor_channel,
+            ((SCHEDULER_ID_METADATA_KEY, config.scheduler_id), *bearer_metadata(config.executor_token)),
+            self._on_lease,
+        )
+        # Other schedulers' ids that asked this executor for its lease lately (GetLease), while connected.
+        self.waiting_schedulers: tuple[str, ...] = ()
+        # Giving the executor up to a waiting scheduler: like a drain, then ReleaseLease and a pause.
+        self.is_yielding = False
+        self._retry_at = 0.0
         self._is_ready = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -110,7 +127,7 @@ class ExecutorReplica:
 
     @property
     def accepts_work(self) -> bool:
-        return self.is_ready and not self.is_draining and not self.is_leaving
+        return self.is_ready and not self.is_draining and not self.is_leaving and not self.is_yielding
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"executor {self.address}")
@@ -163,6 +180,21 @@ class ExecutorReplica:
             log.info("executor_draining", address=self.address)
         self.is_draining = True
         self._wake.set()
+
+    def give_up(self) -> None:
+        """Place nothing new here; once every live sequence finished, close the stream, release the lease
+        and ask for the executor again only after `YIELD_BACKOFF_SECONDS` (by then another scheduler
+        that waited for it has it)."""
+        if not self.is_yielding:
+            log.info("executor_giving_up", address=self.address, waiting_schedulers=list(self.waiting_schedulers))
+        self.is_yielding = True
+        self._wake.set()
+
+    def _on_lease(self, waiting: tuple[str, ...]) -> None:
+        waiting = tuple(i for i in waiting if i != self.config.scheduler_id) if self.is_ready else ()
+        if waiting != self.waiting_schedulers:
+            self.waiting_schedulers = waiting
+            self.owner.on_waiting_schedulers(self)
 
     def _on_health(self, serving: bool, asked_at: float | None = None) -> None:
         """An executor going NOT_SERVING while connected is shutting down: its running sequences go on
@@ -222,6 +254,9 @@ class ExecutorReplica:
                     if self.is_leaving:
                         await self._leave()
                         continue
+                    if self.is_yielding:
+                        await self._yield()
+                        continue
                     await self._idle()
                 else:
                     await self._step()
@@ -261,6 +296,18 @@ class ExecutorReplica:
         log.info("executor_left", address=self.address)
         self.owner.on_leaving(self)
 
+    async def _yield(self) -> None:
+        """Closes the idle stream and releases the lease (see `give_up`)."""
+        await self.client.close()
+        self._is_ready = False
+        self._sent_at.clear()
+        self.waiting_schedulers = ()
+        released = await self.health_watch.release_lease()
+        self._retry_at = time.monotonic() + YIELD_BACKOFF_SECONDS
+        self.is_yielding = False
+        log.info("executor_given_up", address=self.address, lease_released=released)
+        self.owner.on_leaving(self)
+
     def _on_lost(self, reason: str) -> None:
         log.warning("executor_lost", address=self.address, reason=reason)
         self._is_ready = False
@@ -270,6 +317,8 @@ class ExecutorReplica:
         self.owner.on_lost(self, sequences)
 
     async def _connect(self) -> None:
+        if (pause := self._retry_at - time.monotonic()) > 0:
+            await asyncio.sleep(pause)
         self._connect_attempts += 1
         try:
             description = await self.client.connect()

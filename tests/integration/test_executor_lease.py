@@ -1,5 +1,7 @@
 """Two schedulers, one executor: one owner at a time, the other refused with the owner named, the lease
-passing on after the owner dies, and a restarted scheduler with the same id reclaiming it at once.
+passing on after the owner dies, and a restarted scheduler with the same id reclaiming it at once. Two
+schedulers, three executors: they divide the set (two and one), never share an executor, and the
+survivor of a kill -9 takes the dead one's executors once their leases run out.
 
 The executor is a simulated one (`--simulate cpu_tiny`): the real Executor service and lease with no
 model, so the test pays for no weights and runs in seconds.
@@ -57,13 +59,15 @@ def _cache_env(tmp_path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def scheduler(
-    executor_address: str, scheduler_id: str, log_path: Path
+    executor_address: str | list[str], scheduler_id: str, log_path: Path
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A scheduler process logging to `log_path`; yields (its address, the process) once it is live."""
+    """A scheduler process (driving one executor or several) logging to `log_path`; yields (its address,
+    the process) once it is live."""
     port = free_port()
     address = f"127.0.0.1:{port}"
-    args = ["--log-format", "json", "scheduler", "--executor", executor_address, "--port", str(port),
-            "--http-port", "0", "--scheduler-id", scheduler_id]
+    executors = [executor_address] if isinstance(executor_address, str) else executor_address
+    args = ["--log-format", "json", "scheduler", *(a for e in executors for a in ("--executor", e)),
+            "--port", str(port), "--http-port", "0", "--scheduler-id", scheduler_id]
     with log_path.open("w") as log_file:
         process = subprocess.Popen([sys.executable, "-m", "pagewire", *args], cwd=REPO_ROOT,
             env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL, stderr=log_file)
@@ -133,3 +137,37 @@ def test_a_restarted_scheduler_with_the_same_id_reclaims_its_executor_at_once(tm
             assert generate(address) == tokens
         assert "owned by" not in (tmp_path / "b.log").read_text()
 
+
+def owned(address: str) -> set[str]:
+    return {e.address for e in server_info(address).executors if e.ready}
+
+
+def wait_owned(address: str, count: int, timeout: float) -> set[str]:
+    deadline = time.monotonic() + timeout
+    while len(held := owned(address)) != count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{address} holds {sorted(held)}, not {count} executors, after {timeout} s")
+        time.sleep(0.2)
+    return held
+
+
+def test_two_schedulers_divide_three_executors_and_the_survivor_of_a_kill_9_takes_them_all(tmp_path):
+    with contextlib.ExitStack() as stack:
+        executors = [stack.enter_context(simulated_executor(tmp_path, LEASE_SECONDS)) for _ in range(3)]
+        first, first_process = stack.enter_context(scheduler(executors, "first", tmp_path / "first.log"))
+        wait_owned(first, 3, timeout=30)
+        tokens = generate(first)
+        second, _ = stack.enter_context(scheduler(executors, "second", tmp_path / "second.log"))
+        # The first one sees the second ask, holds more than ceil(3 / 2), and gives one executor up.
+        given = wait_owned(second, 1, timeout=SLACK_SECONDS + 10)
+        kept = wait_owned(first, 2, timeout=10)
+        assert given.isdisjoint(kept) and given | kept == set(executors)
+        assert "executor_share_exceeded" in (tmp_path / "first.log").read_text()
+        for _ in range(3):  # settled: no executor changes hands back and forth
+            time.sleep(1.0)
+            assert (owned(first), owned(second)) == (kept, given)
+        assert generate(first) == tokens and generate(second) == tokens
+        first_process.kill()
+        first_process.wait()
+        wait_owned(second, 3, timeout=LEASE_SECONDS + SLACK_SECONDS)
+        assert generate(second) == tokens

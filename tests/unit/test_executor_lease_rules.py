@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from executor_service.executor_lease import ANONYMOUS_ID, ExecutorLease
+from executor_service.executor_lease import ANONYMOUS_ID, WAITING_SECONDS, ExecutorLease
 from shared.errors import FailedPrecondition
 
 LEASE_SECONDS = 10.0
@@ -62,3 +62,31 @@ def test_a_zero_lease_frees_the_executor_the_moment_the_stream_ends():
     lease.close_stream(lease.open_stream("a", 0.0), 1.0)
     assert lease.holder(1.0) is None
 
+
+
+def test_refused_schedulers_are_listed_as_waiting_until_they_stop_asking():
+    lease = ExecutorLease(LEASE_SECONDS)
+    lease.open_stream("a", 0.0)
+    for scheduler_id, at in (("c", 1.0), ("b", 2.0), (ANONYMOUS_ID, 2.0)):
+        with pytest.raises(FailedPrecondition):
+            lease.check(scheduler_id, at)
+    assert lease.waiting(2.0) == ("b", "c")
+    assert lease.waiting(1.0 + WAITING_SECONDS) == ("b", "c")
+    assert lease.waiting(1.0 + WAITING_SECONDS + 0.01) == ("b",)
+    assert lease.waiting(2.0 + WAITING_SECONDS + 0.01) == ()
+
+
+def test_the_owner_releases_after_its_stream_ends_and_anyone_may_take_it_at_once():
+    lease = ExecutorLease(LEASE_SECONDS)
+    epoch = lease.open_stream("a", 0.0)
+    with pytest.raises(FailedPrecondition, match="after the Step stream ends"):
+        lease.release("a")
+    with pytest.raises(FailedPrecondition, match="only the owner"):
+        lease.release("b")
+    lease.close_stream(epoch, 1.0)
+    assert lease.holder(1.0) == "a"
+    lease.release("a")
+    assert lease.holder(1.0) is None
+    assert lease.open_stream("b", 1.0) == 2
+    with pytest.raises(FailedPrecondition, match="only the owner"):
+        lease.release(ANONYMOUS_ID)
