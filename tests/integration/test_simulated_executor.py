@@ -3,6 +3,8 @@ concurrent batch, and the reported forward time equal to the profile's model for
 
 from __future__ import annotations
 
+import contextlib
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -93,3 +95,44 @@ def test_the_reported_forward_time_is_the_profiles_model(executor_address: str) 
     assert second.timing.total_seconds >= second.timing.forward_seconds
     assert [o.token_ids for o in first.outputs] == [tuple(reference(list(range(30)), 1)),
                                                     tuple(reference(list(range(50, 55)), 1))]
+
+
+def test_one_scheduler_drives_16_simulated_executors(cache_dir: Path) -> None:
+    """256 concurrent requests over 16 simulated executors: every one gets exactly its deterministic
+    tokens, every executor is placed some work, and afterwards every block on every executor is free.
+    About 20 s here, most of it the 16 processes starting on 2 cores."""
+    num_executors, num_requests = 16, 256
+    prompts = [[(11 * i + t) % 256 for t in range(8 + i % 40)] for i in range(num_requests)]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(pytest.MonkeyPatch.context()).setenv("PAGEWIRE_CACHE", str(cache_dir))
+        executors = []
+        for _ in range(num_executors):
+            port = free_port()
+            executors.append(f"127.0.0.1:{port}")
+            stack.enter_context(running(["executor", "--simulate", PROFILE, "--port", str(port)], executors[-1]))
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        args = ["scheduler", "--port", str(port), "--http-port", "0", "--max-model-len", "256",
+                *(a for e in executors for a in ("--executor", e))]
+        stack.enter_context(running(args, address, service="pagewire.v1.Generation"))
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            deadline = time.monotonic() + 60
+            while sum(e.ready for e in stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10).executors) < 16:
+                assert time.monotonic() < deadline, "not every executor got ready"
+                time.sleep(0.2)
+
+            def generate(prompt: list[int]) -> list[int]:
+                request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
+                    sampling=pb.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
+                return [t for r in stub.Generate(request, timeout=120) for t in r.token_ids]
+
+            with ThreadPoolExecutor(64) as pool:
+                outputs = list(pool.map(generate, prompts))
+            info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+    assert outputs == [reference(p, MAX_TOKENS) for p in prompts]
+    assert sorted(e.address for e in info.executors) == sorted(executors)
+    assert all(e.ready and e.num_requests_placed > 0 for e in info.executors), info.executors
+    assert sum(e.num_requests_placed for e in info.executors) == num_requests
+    assert all(e.num_free_device_blocks == e.num_device_blocks for e in info.executors)
+    assert (info.num_running, info.num_waiting) == (0, 0)
