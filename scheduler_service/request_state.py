@@ -39,6 +39,21 @@ class RequestDelta:
     usage: Usage | None = None
 
 
+def merge_deltas(deltas: list[RequestDelta]) -> RequestDelta:
+    """One delta saying what `deltas` say in order: tokens, text and logprobs concatenated, the last
+    one's end. Only the last may carry a finish reason."""
+    if len(deltas) == 1:
+        return deltas[0]
+    return RequestDelta(
+        token_ids=tuple(t for d in deltas for t in d.token_ids),
+        text="".join(d.text for d in deltas),
+        logprobs=tuple(x for d in deltas for x in d.logprobs),
+        top_logprobs=tuple(x for d in deltas for x in d.top_logprobs),
+        finish_reason=deltas[-1].finish_reason,
+        usage=deltas[-1].usage,
+    )
+
+
 class RequestState:
     """Turns a sequence's sampled tokens into client deltas, exactly once each.
 
@@ -64,6 +79,8 @@ class RequestState:
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids)
         self.stop_checker = StopChecker(params, eos_token_ids, max_model_len, len(prompt_token_ids))
         self.deltas: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
+        # An error found queued behind deltas that `next_delta` merged: raised by its next call.
+        self._queued_error: BaseException | None = None
         self.num_cached_prompt_tokens = 0
         self.is_finished = False
         self.observer = observer or EngineObserver()
@@ -92,6 +109,24 @@ class RequestState:
         self.is_finished = finished
         self._send(delta)
         return finished
+
+    async def next_delta(self) -> RequestDelta:
+        """Waits for the next delta and merges into it every delta already queued behind it, so a client
+        that reads slower than the engine steps gets fewer, larger messages (the same tokens and text, in
+        order); raises the request's error once the deltas before it were returned."""
+        if self._queued_error is not None:
+            raise self._queued_error
+        first = await self.deltas.get()
+        if isinstance(first, BaseException):
+            raise first
+        merged = [first]
+        while merged[-1].finish_reason is None and not self.deltas.empty():
+            item = self.deltas.get_nowait()
+            if isinstance(item, BaseException):
+                self._queued_error = item
+                break
+            merged.append(item)
+        return merge_deltas(merged)
 
     def abort(self) -> None:
         """Ends the stream with ABORT (server-side abort, e.g. shutdown)."""

@@ -100,9 +100,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         )
         try:
             while True:
-                delta = await state.deltas.get()
-                if isinstance(delta, BaseException):
-                    raise delta
+                delta = await state.next_delta()
                 yield delta_to_pb(state.request_id, delta)
                 if delta.finish_reason is not None:
                     return

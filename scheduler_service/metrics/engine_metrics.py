@@ -111,6 +111,9 @@ class EngineMetrics(EngineObserver):
         # Created at the first finished request, when max_model_len is known.
         self._request_prompt_tokens: Histogram | None = None
         self._request_generation_tokens: Histogram | None = None
+        # The per-token series' children for the model name they were made for: every decode of every
+        # request updates two of them, and `labels()` looks its child up under a lock each time.
+        self._token_children: tuple[str, Histogram, Counter] | None = None
 
     def on_delta(self, request: RequestState, delta: RequestDelta, now: float) -> None:
         model_name = self.model_name()
@@ -119,6 +122,10 @@ class EngineMetrics(EngineObserver):
         labels = (model_name, ENGINE_INDEX)
         timeline = request.timeline
         if delta.token_ids:
+            children = self._token_children
+            if children is None or children[0] != model_name:
+                children = self._token_children = (model_name, self.inter_token_latency.labels(*labels),
+                                                   self.generation_tokens.labels(*labels))
             gap = timeline.mark_tokens(now)
             if gap is None:
                 self.prompt_tokens.labels(*labels).inc(request.num_prompt_tokens)
@@ -126,8 +133,8 @@ class EngineMetrics(EngineObserver):
                 if ttft is not None:
                     self.time_to_first_token.labels(*labels).observe(ttft)
             else:
-                self.inter_token_latency.labels(*labels).observe(gap)
-            self.generation_tokens.labels(*labels).inc(len(delta.token_ids))
+                children[1].observe(gap)
+            children[2].inc(len(delta.token_ids))
         if delta.finish_reason is not None:
             self._on_finished(request, delta, labels, now)
 
