@@ -20,7 +20,7 @@ from scheduler_service.executor_replica import ExecutorReplica
 from scheduler_service.fair_share import num_to_give_up
 from scheduler_service.lora.adapter_catalog import AdapterCatalog
 from scheduler_service.lora.adapter_registry import Adapter
-from scheduler_service.placement import PlacementCandidate, choose_replica
+from scheduler_service.placement import PlacementCandidate, choose_replica, choose_round_robin
 from scheduler_service.replica_status import ReplicaStatus, sum_statuses
 from scheduler_service.request_state import RequestState
 from scheduler_service.sequence import Sequence
@@ -76,6 +76,8 @@ class Engine:
         self._homeless_since: float | None = None
         self._ids = itertools.count(1)
         self._arrivals = itertools.count(1)
+        # Round-robin placement's next turn.
+        self._turn = itertools.count()
         self._was_ready = False
         # The addresses the targets gave last (static ones included).
         self._addresses: set[str] = set()
@@ -210,7 +212,10 @@ class Engine:
                     num_free_tokens=kv.num_free_blocks * kv.block_size,
                 )
             )
-        index = choose_replica(candidates, seq.num_tokens)
+        if self.config.placement_policy == "round-robin":
+            index = choose_round_robin(candidates, seq.num_tokens, next(self._turn))
+        else:
+            index = choose_replica(candidates, seq.num_tokens)
         if index is None:
             return False
         replicas[index].add_sequence(seq, candidates[index].num_cached_prompt_tokens)

@@ -12,6 +12,7 @@ from shared.tls import check_server_files
 from shared.setting import setting
 
 PREEMPTION_MODES = ("auto", "recompute", "swap")
+PLACEMENT_POLICIES = ("cache-aware", "round-robin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,11 @@ class EngineConfig:
         "with UNAVAILABLE",
     )
     dns_refresh_seconds: float = setting(5.0, help="how often dns:///NAME:PORT executors are resolved again")
+    placement_policy: str = setting(
+        "cache-aware", choices=PLACEMENT_POLICIES,
+        help="which executor a new request goes to: cache-aware (its longest exact prefix-cache hit, weighed "
+        "against load) or round-robin (each in turn, skipping one whose free blocks cannot hold the prompt)",
+    )
     max_plans_in_flight: int = setting(
         2, help="plans sent ahead of their results (1: no overlap between scheduling and the forward)"
     )
@@ -138,6 +144,8 @@ class EngineConfig:
                 f"{self.max_num_seqs}: every running sequence must be able to decode in every step; raise "
                 "--max-num-batched-tokens or lower --max-num-seqs"
             )
+        if self.placement_policy not in PLACEMENT_POLICIES:
+            raise ValueError(f"--placement-policy must be cache-aware or round-robin, got {self.placement_policy!r}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(
                 f"--preemption-mode must be auto, recompute or swap, got {self.preemption_mode!r}"

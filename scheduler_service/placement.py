@@ -1,4 +1,5 @@
-"""Which executor a new request goes to: the longest exact prefix-cache hit, weighed against load."""
+"""Which executor a new request goes to: the longest exact prefix-cache hit, weighed against load
+(cache-aware, the default), or each in turn (round-robin, what a plain load balancer does)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,12 @@ def choose_replica(candidates: Sequence[PlacementCandidate], num_prompt_tokens: 
         range(len(candidates)),
         key=lambda i: (placement_cost(candidates[i], num_prompt_tokens), candidates[i].num_load_tokens, i),
     )
+
+
+def choose_round_robin(candidates: Sequence[PlacementCandidate], num_prompt_tokens: int, turn: int) -> int | None:
+    """Starting at `turn` (mod the count), the first candidate whose free blocks hold the prompt, else the
+    one at `turn`; None when there is no candidate. Cache hits play no part."""
+    if not candidates:
+        return None
+    order = [(turn + offset) % len(candidates) for offset in range(len(candidates))]
+    return next((i for i in order if candidates[i].num_free_tokens >= num_prompt_tokens), order[0])

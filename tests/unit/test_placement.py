@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scheduler_service.placement import PlacementCandidate, choose_replica, placement_cost
+from scheduler_service.placement import PlacementCandidate, choose_replica, choose_round_robin, placement_cost
 
 ROOMY = 10_000
 
@@ -53,3 +53,13 @@ def test_an_executor_without_room_for_the_prompt_pays_for_waiting() -> None:
     assert placement_cost(candidate(cached=64, free=50), 100) == 36
     assert choose_replica([candidate(free=50), candidate(load=90)], 100) == 1
     assert choose_replica([candidate(free=50), candidate(load=101)], 100) == 0
+
+
+def test_round_robin_takes_each_in_turn_ignoring_cache_hits_and_skips_one_too_full() -> None:
+    hot = PlacementCandidate(num_cached_prompt_tokens=512, num_load_tokens=0, num_free_tokens=10_000)
+    cold = PlacementCandidate(num_cached_prompt_tokens=0, num_load_tokens=0, num_free_tokens=10_000)
+    full = PlacementCandidate(num_cached_prompt_tokens=0, num_load_tokens=0, num_free_tokens=100)
+    assert [choose_round_robin([hot, cold, cold], 600, turn) for turn in range(4)] == [0, 1, 2, 0]
+    assert choose_round_robin([cold, full, cold], 600, 1) == 2
+    assert choose_round_robin([full, full], 600, 1) == 1  # none holds it: its turn still
+    assert choose_round_robin([], 600, 0) is None
