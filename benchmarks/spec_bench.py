@@ -1,5 +1,5 @@
-"""`pagewire bench spec`: speculative decoding off / ngram on the default model, copy and chat workloads,
-at several concurrencies: TPOT, output throughput and acceptance per draft position."""
+"""`pagewire bench spec`: speculative decoding off / ngram / draft model on the default model, copy and
+chat workloads, at several concurrencies: TPOT, output throughput and acceptance per draft position."""
 
 from __future__ import annotations
 
@@ -38,8 +38,7 @@ from benchmarks.spec_workloads import COPY, WORKLOADS, ChatPrompts, conversation
 from shared.pb.pagewire.v1 import generate_pb2 as pb
 from shared.pb.pagewire.v1 import generate_pb2_grpc as pb_grpc
 
-MISSING = {DRAFT_MODEL: "not built yet (--speculative-config refuses method draft_model)"}
-CONFIGS = (OFF, NGRAM, OFF_NO_OVERLAP)
+CONFIGS = (OFF, NGRAM, DRAFT_MODEL, OFF_NO_OVERLAP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +61,8 @@ class SpecBenchConfig:
     # Rounds in which the configurations take turns (each round in a rotated order); the best counts.
     rounds: int = 1
     kv_cache_memory: str = "1GiB"
+    # The draft_model configuration's draft checkpoint (`pagewire create-draft-model`).
+    draft_model: str | None = None
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -79,17 +80,36 @@ class SpecBenchConfig:
             raise ValueError(
                 f"--configs must start with off and name only {', '.join(CONFIGS)}, got {self.configs}"
             )
+        if DRAFT_MODEL in self.configs and not self.draft_model:
+            raise ValueError("--configs draft_model needs --draft-model DIR (e.g. from `pagewire create-draft-model "
+                             "default DIR --num-layers 8`)")
 
     @property
     def ngram_config(self) -> str:
         return json.dumps({"method": "ngram", "num_speculative_tokens": self.num_speculative_tokens})
+
+    @property
+    def draft_model_config(self) -> str:
+        return json.dumps({"method": "draft_model", "model": self.draft_model,
+                           "num_speculative_tokens": self.num_speculative_tokens})
+
+    @property
+    def not_run(self) -> dict[str, str]:
+        """Speculative configurations left out of this run, and why."""
+        return {} if DRAFT_MODEL in self.configs else {DRAFT_MODEL: "not in --configs (needs --draft-model DIR)"}
 
     def scheduler_args(self, config: str) -> list[str]:
         """No prefix caching: every run (and every round) computes its prompts, whatever ran before."""
         args = ["--no-enable-prefix-caching"]
         if config == NGRAM:
             return [*args, "--speculative-config", self.ngram_config]
+        if config == DRAFT_MODEL:
+            return [*args, "--speculative-config", self.draft_model_config]
         return [*args, "--max-plans-in-flight", "1"] if config == OFF_NO_OVERLAP else args
+
+    def executor_args(self, config: str) -> list[str]:
+        args = ["--kv-cache-memory", self.kv_cache_memory]
+        return [*args, "--speculative-config", self.draft_model_config] if config == DRAFT_MODEL else args
 
     def num_requests(self, batch_size: int) -> int:
         return self.num_requests_at_batch_1 if batch_size == 1 else batch_size
@@ -122,6 +142,7 @@ def config_from_args(args: argparse.Namespace) -> SpecBenchConfig:
         seed=args.seed,
         num_threads=args.threads,
         rounds=args.rounds,
+        draft_model=args.draft_model,
     )
 
 
@@ -176,13 +197,14 @@ def _serve_runs(bench: SpecBenchConfig, model: Path, log_dir: Path) -> tuple[lis
     alike. Returns the runs and, per (config, workload, batch), how many outputs differ from off's in
     any round (greedy: should be 0)."""
     prompts = ChatPrompts.for_model(model)
-    executor_args = ["--kv-cache-memory", bench.kv_cache_memory]
     runs: list[SpecRun] = []
     mismatches: dict[str, int] = {}
     with ExitStack() as stack:
         addresses = {}
         for config in bench.configs:
-            executor = stack.enter_context(running_executor(model, bench.num_threads, executor_args, log_dir))
+            executor = stack.enter_context(
+                running_executor(model, bench.num_threads, bench.executor_args(config), log_dir)
+            )
             addresses[config] = stack.enter_context(
                 running_scheduler(executor, bench.scheduler_args(config), log_dir)
             )
@@ -252,13 +274,13 @@ def run_spec_bench(args: argparse.Namespace) -> int:
         "config": asdict(bench),
         "machine": machine,
         "runs": rows,
-        "not_run": MISSING,
+        "not_run": bench.not_run,
         "outputs_differing_from_off": mismatches,
         "targets": checks,
     }
     output_dir = Path(args.output_dir)
     write_json(output_dir / "spec.json", results)
-    text = f"{markdown_table(rows, MISSING)}\n\n{targets_markdown(checks)}"
+    text = f"{markdown_table(rows, bench.not_run)}\n\n{targets_markdown(checks)}"
     (output_dir / "spec.md").write_text(text + "\n", encoding="utf-8")
     print(json.dumps(results, indent=2) if args.json else text)
     _say(f"done in {machine['wall_s']:.0f} s; results in {output_dir}")

@@ -9,7 +9,8 @@ import torch
 
 from executor_service.calibration import MeasuredSpeeds, measure_prefill, measure_swap
 from executor_service.executor_config import DEFAULT_CPU_KV_CACHE_BYTES, ExecutorConfig
-from executor_service.executor_info import ExecutorInfo
+from executor_service.draft_model_runner import DraftModelRunner, open_draft_checkpoint
+from executor_service.executor_info import DraftModelInfo, ExecutorInfo
 from executor_service.kv_pool import KVGeometry, KVPool
 from executor_service.lora.adapter_host_cache import AdapterHostCache
 from executor_service.lora.lora_manager import LoraManager
@@ -35,7 +36,8 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _num_device_blocks(config: ExecutorConfig, geometry: KVGeometry, device: torch.device) -> int:
+def _num_device_blocks(config: ExecutorConfig, bytes_per_block: int, device: torch.device) -> int:
+    """`bytes_per_block` covers every pool a block id addresses (the target's and a draft model's)."""
     if config.num_device_blocks_override is not None:
         return config.num_device_blocks_override
     if config.kv_cache_memory_bytes is not None:
@@ -46,10 +48,10 @@ def _num_device_blocks(config: ExecutorConfig, geometry: KVGeometry, device: tor
         num_bytes = int(total_bytes * config.gpu_memory_utilization) - used_bytes
     else:
         num_bytes = DEFAULT_CPU_KV_CACHE_BYTES
-    num_blocks = geometry.num_blocks_in(num_bytes)
+    num_blocks = num_bytes // bytes_per_block
     if num_blocks < 1:
         raise ValueError(
-            f"no memory left for the KV cache ({num_bytes} bytes for blocks of {geometry.bytes_per_block}); "
+            f"no memory left for the KV cache ({num_bytes} bytes for blocks of {bytes_per_block}); "
             "raise --gpu-memory-utilization or --kv-cache-memory"
         )
     return num_blocks
@@ -88,10 +90,16 @@ class Executor:
         device = resolve_device(config.device)
         checkpoint = open_checkpoint(config.model_dir)
         model_config = checkpoint.config
+        speculative = config.speculative
+        draft_checkpoint = (
+            open_draft_checkpoint(speculative.model, model_config)
+            if speculative is not None and speculative.uses_draft_model and speculative.model else None
+        )
         dtype = resolve_dtype(config.dtype, model_config.torch_dtype, device)
         ops = ops if ops is not None else create_ops_backend(config.ops_backend, device.type)
         load_started = time.monotonic()
         model = checkpoint.load(dtype, device, ops)
+        draft_model = None if draft_checkpoint is None else draft_checkpoint.load(dtype, device, ops)
         load_seconds = time.monotonic() - load_started
         geometry = KVGeometry(
             num_layers=model_config.num_layers,
@@ -100,9 +108,19 @@ class Executor:
             head_dim=model_config.head_dim,
             dtype=dtype,
         )
-        num_device_blocks = _num_device_blocks(config, geometry, device)
-        num_host_blocks = geometry.num_blocks_in(int(config.swap_space_gib * 1024**3))
+        draft_geometry = (
+            None if draft_model is None else DraftModelRunner.geometry(draft_model.config, config.block_size, dtype)
+        )
+        bytes_per_block = geometry.bytes_per_block + (0 if draft_geometry is None else draft_geometry.bytes_per_block)
+        num_device_blocks = _num_device_blocks(config, bytes_per_block, device)
+        num_host_blocks = int(config.swap_space_gib * 1024**3) // bytes_per_block
         kv_pool = KVPool(geometry, num_device_blocks, num_host_blocks, device, ops)
+        draft = None
+        if draft_model is not None and draft_geometry is not None and speculative is not None:
+            draft = DraftModelRunner(
+                draft_model, KVPool(draft_geometry, num_device_blocks, num_host_blocks, device, ops),
+                str(draft_checkpoint.path), speculative.num_speculative_tokens,
+            )
         max_model_len = model_config.max_model_len
         limits = BatchLimits(
             vocab_size=model_config.vocab_size,
@@ -114,10 +132,11 @@ class Executor:
             max_num_seqs=config.max_num_seqs,
             max_logprobs=config.max_logprobs,
             max_loras=config.max_loras if config.enable_lora else 0,
+            max_model_drafts=0 if draft is None else draft.max_model_drafts,
         )
         sampler = Sampler(model_config.vocab_size, device, max_logprobs=config.max_logprobs, seed=config.seed)
         lora = _lora_manager(config, model_config, dtype, device, ops)
-        runner = ModelRunner(model, kv_pool, sampler, limits, device, lora)
+        runner = ModelRunner(model, kv_pool, sampler, limits, device, lora, draft)
         swap_out, swap_in = measure_swap(kv_pool)
         prefill = measure_prefill(
             runner, min(512, config.max_num_batched_tokens, max_model_len), model_config.vocab_size
@@ -136,7 +155,7 @@ class Executor:
             block_size=config.block_size,
             num_device_blocks=num_device_blocks,
             num_host_blocks=num_host_blocks,
-            bytes_per_block=geometry.bytes_per_block,
+            bytes_per_block=bytes_per_block,
             speeds=speeds,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
@@ -144,6 +163,10 @@ class Executor:
             max_model_len=max_model_len,
             max_loras=limits.max_loras,
             max_lora_rank=config.max_lora_rank if config.enable_lora else 0,
+            draft_model=None if draft is None else DraftModelInfo(
+                name=draft.config.name, path=draft.path, num_layers=draft.config.num_layers,
+                max_model_drafts=draft.max_model_drafts,
+            ),
         )
         log.info(
             "executor_loaded",
@@ -157,5 +180,6 @@ class Executor:
             swap_out_bytes_per_second=round(swap_out),
             swap_in_bytes_per_second=round(swap_in),
             prefill_tokens_per_second=round(prefill, 1),
+            draft_model=None if draft is None else draft.path,
         )
         return cls(runner, info)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.setting import parse_bytes, setting
+from shared.speculative_config import SpeculativeConfig
 from shared.tls import check_server_files
 
 MAX_LORA_RANK_LIMIT = 256
@@ -85,6 +86,12 @@ class ExecutorConfig:
         None, help="LoRA: most adapters kept in the executor's host cache (a re-load from it reads no file)",
         default_text="no count bound; at most 1 GiB of adapters",
     )
+    speculative_config: str | None = setting(
+        None, metavar="JSON", help='speculative decoding, as the scheduler\'s flag: with \'{"method": "draft_model", '
+        '"model": DIR, "num_speculative_tokens": 4}\' this executor loads the draft model DIR (same vocabulary as '
+        "the target) with its own KV pool under the same block ids; other methods need nothing here",
+        default_text="off",
+    )
     simulate: str | None = setting(
         None, metavar="PROFILE", help="serve no model: answer plans with deterministic tokens after the step "
         "time PROFILE models (a name in executor_service/simulation/profiles, e.g. h100_llama3_8b, or a JSON "
@@ -125,4 +132,10 @@ class ExecutorConfig:
         if self.max_cpu_loras is not None and self.max_cpu_loras < 1:
             raise ValueError(f"--max-cpu-loras must be at least 1, got {self.max_cpu_loras}")
         check_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
+        if self.speculative_config is not None:
+            SpeculativeConfig.parse(self.speculative_config)
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        return None if self.speculative_config is None else SpeculativeConfig.parse(self.speculative_config)
 

@@ -31,6 +31,16 @@ class MeasuredSpeeds:
 
 
 @dataclass(frozen=True, slots=True)
+class DraftModelInfo:
+    """The draft model of draft_model speculation: `max_model_drafts` is the most a plan may ask for."""
+
+    name: str
+    path: str
+    num_layers: int
+    max_model_drafts: int
+
+
+@dataclass(frozen=True, slots=True)
 class ExecutorInfo:
     """Everything `Describe` reports. `dtype` is a torch dtype's name, e.g. "float32"."""
 
@@ -53,6 +63,7 @@ class ExecutorInfo:
     # LoRA slots on the device (0: LoRA off) and the largest adapter rank a slot holds.
     max_loras: int = 0
     max_lora_rank: int = 0
+    draft_model: DraftModelInfo | None = None
 
 
 class StepRunner(Protocol):

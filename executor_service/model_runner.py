@@ -7,6 +7,7 @@ import time
 import structlog
 import torch
 
+from executor_service.draft_model_runner import DraftModelRunner
 from executor_service.input_builder import build_model_input
 from executor_service.kv_pool import KVPool
 from executor_service.lora.lora_manager import AdapterUnreadable, LoraManager, PreparedLoad
@@ -27,6 +28,8 @@ class ModelRunner:
     persistent batch is dropped, since it may be half-updated (the scheduler re-sends everything).
     With `lora` (None: LoRA off), a plan's adapters are read before anything changes, so a broken
     adapter rejects the plan, and are copied into their slots after the block ops, before the forward.
+    With `draft` (draft_model speculation), the block ops move the draft pool's blocks too (both pools
+    stay in step), and the draft model proposes its drafts before the target's forward verifies them.
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class ModelRunner:
         limits: BatchLimits,
         device: torch.device,
         lora: LoraManager | None = None,
+        draft: DraftModelRunner | None = None,
     ) -> None:
         num_slots = lora.max_loras if lora is not None else 0
         if num_slots != limits.max_loras:
@@ -47,6 +51,7 @@ class ModelRunner:
         self.batch = PersistentBatch(limits)
         self.device = device
         self.lora = lora
+        self.draft = draft
 
     def reset(self) -> None:
         self.batch.reset()
@@ -75,11 +80,15 @@ class ModelRunner:
     ) -> StepResult:
         scheduled = self.batch.apply(plan)
         block_ops_started = time.perf_counter()
-        self.kv_pool.swap_out(plan.swap_out)
-        self.kv_pool.swap_in(plan.swap_in)
-        self.kv_pool.copy(plan.copy)
+        for kv_pool in (self.kv_pool,) if self.draft is None else (self.kv_pool, self.draft.kv_pool):
+            kv_pool.swap_out(plan.swap_out)
+            kv_pool.swap_in(plan.swap_in)
+            kv_pool.copy(plan.copy)
         if self.lora is not None:
             self.lora.load(adapter_loads)
+        draft_started = time.perf_counter()
+        if self.draft is not None and scheduled:
+            scheduled = self.draft.propose(scheduled, self.device)
         forward_started = time.perf_counter()
         sampled: dict[int, list[Sample]] = {}
         sample_seconds = 0.0
@@ -110,6 +119,8 @@ class ModelRunner:
             sample_seconds = time.perf_counter() - sample_started
         forward_seconds = time.perf_counter() - forward_started - sample_seconds
         outputs = tuple(self._advance(s, sampled.get(i)) for i, s in enumerate(scheduled))
+        if self.draft is not None:
+            self.draft.settle(scheduled)
         return StepResult(
             step_id=plan.step_id,
             outputs=outputs,
@@ -117,8 +128,9 @@ class ModelRunner:
                 total_seconds=time.perf_counter() - started,
                 forward_seconds=forward_seconds,
                 sample_seconds=sample_seconds,
-                block_ops_seconds=forward_started - block_ops_started,
+                block_ops_seconds=draft_started - block_ops_started,
                 num_tokens=plan.num_scheduled_tokens,
+                draft_seconds=forward_started - draft_started,
             ),
         )
 
@@ -153,6 +165,7 @@ class ModelRunner:
             token_ids=tuple(token_id for token_id, _, _ in samples),
             logprobs=tuple(logprob for _, logprob, _ in samples if logprob is not None),
             top_logprobs=tuple(top for _, _, top in samples if top),
+            draft_token_ids=s.draft_token_ids if s.num_model_drafts else (),
         )
 
 

@@ -14,7 +14,9 @@ class SequenceState:
     """One live sequence. `token_ids[:num_computed_tokens]` have K/V in `block_ids`.
 
     The executor appends each token it samples, so `num_computed_tokens` stays one behind the end
-    after a sampling step and the next decode computes exactly that token.
+    after a sampling step and the next decode computes exactly that token. With a draft model,
+    `token_ids[:num_draft_computed_tokens]` have the draft's K/V in its own pool under the same
+    `block_ids`; never more than `num_computed_tokens`.
     """
 
     sequence_id: SequenceId
@@ -24,6 +26,7 @@ class SequenceState:
     block_ids: list[int]
     sampling: SamplingOptions
     lora_slot: int | None
+    num_draft_computed_tokens: int = 0
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -33,12 +36,22 @@ class SequenceState:
 @dataclass(frozen=True, slots=True)
 class ScheduledSequence:
     """A sequence computing `num_tokens` tokens from `start` this step: known tokens, then its
-    `draft_token_ids` (speculative decoding), which the step verifies."""
+    `draft_token_ids` (speculative decoding), which the step verifies.
+
+    `num_model_drafts` > 0: the draft model proposes that many drafts this step; until it has (and
+    filled `draft_token_ids` with them), `num_tokens` counts drafts not yet known, so `samples` and
+    `input_token_ids` are only meaningful after the draft model ran."""
 
     state: SequenceState
     start: int
     num_tokens: int
     draft_token_ids: tuple[int, ...] = ()
+    num_model_drafts: int = 0
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Of the tokens computed this step, those that are no draft."""
+        return self.num_tokens - max(len(self.draft_token_ids), self.num_model_drafts)
 
     @property
     def end(self) -> int:
@@ -71,6 +84,8 @@ class BatchLimits:
     max_logprobs: int
     # LoRA slots on the device; 0: LoRA is off and a plan may carry no adapter load or slot.
     max_loras: int = 0
+    # Most model drafts per sequence and step; 0: no draft model, and a plan may ask for none.
+    max_model_drafts: int = 0
 
 
 class PersistentBatch:
@@ -139,9 +154,12 @@ class PersistentBatch:
                 raise FailedPrecondition(
                     f"sequence {cont.sequence_id} is not held by this executor; send it as new"
                 )
-            num_drafts = len(cont.draft_token_ids)
+            num_drafts = len(cont.draft_token_ids) + cont.num_model_drafts
+            if cont.num_model_drafts:
+                self._validate_model_drafts(cont.sequence_id, cont.draft_token_ids, cont.num_model_drafts)
             if num_drafts:
-                self._validate_drafts(cont.sequence_id, cont.draft_token_ids, state, cont.num_scheduled_tokens)
+                self._validate_drafts(cont.sequence_id, num_drafts, cont.draft_token_ids, state,
+                                      cont.num_scheduled_tokens)
             self._validate_span(
                 cont.sequence_id, state.num_computed_tokens, cont.num_scheduled_tokens,
                 len(state.token_ids) + num_drafts, len(state.block_ids) + len(cont.new_block_ids),
@@ -156,7 +174,8 @@ class PersistentBatch:
             )
 
     def _validate_drafts(
-        self, sequence_id: int, draft_token_ids: tuple[int, ...], state: SequenceState, num_scheduled: int
+        self, sequence_id: int, num_drafts: int, draft_token_ids: tuple[int, ...], state: SequenceState,
+        num_scheduled: int,
     ) -> None:
         """Drafts follow the known tokens and are all computed this step, which reaches their end."""
         bad = [t for t in draft_token_ids if not 0 <= t < self.limits.vocab_size]
@@ -164,12 +183,27 @@ class PersistentBatch:
             raise InvalidArgument(
                 f"sequence {sequence_id}: draft token ids {bad[:5]} outside the vocabulary [0, {self.limits.vocab_size})"
             )
-        num_tokens = len(state.token_ids) + len(draft_token_ids)
+        num_tokens = len(state.token_ids) + num_drafts
         if state.num_computed_tokens + num_scheduled != num_tokens:
             raise InvalidArgument(
-                f"sequence {sequence_id}: a step with {len(draft_token_ids)} draft tokens must compute up to their "
+                f"sequence {sequence_id}: a step with {num_drafts} draft tokens must compute up to their "
                 f"end: {state.num_computed_tokens} computed + {num_scheduled} scheduled != {num_tokens}"
             )
+
+    def _validate_model_drafts(self, sequence_id: int, draft_token_ids: tuple[int, ...], num_model_drafts: int) -> None:
+        limits = self.limits
+        if limits.max_model_drafts == 0:
+            raise InvalidArgument(
+                f"sequence {sequence_id}: {num_model_drafts} model drafts asked of an executor without a draft "
+                "model (start it with --speculative-config '{\"method\": \"draft_model\", ...}')"
+            )
+        if num_model_drafts > limits.max_model_drafts:
+            raise InvalidArgument(
+                f"sequence {sequence_id}: {num_model_drafts} model drafts exceed this executor's "
+                f"num_speculative_tokens {limits.max_model_drafts}"
+            )
+        if draft_token_ids:
+            raise InvalidArgument(f"sequence {sequence_id}: send draft_token_ids or num_model_drafts, not both")
 
     def _validate_slot(self, what: str, slot: int) -> None:
         if self.limits.max_loras == 0:
@@ -251,6 +285,8 @@ class PersistentBatch:
                 block_ids=list(new.block_ids),
                 sampling=new.sampling,
                 lora_slot=new.lora_slot,
+                # The draft pool mirrors the target's (prefix-cache hits and swap-ins included).
+                num_draft_computed_tokens=new.num_computed_tokens,
             )
             self.sequences[new.sequence_id] = state
             scheduled.append(ScheduledSequence(state, new.num_computed_tokens, new.num_scheduled_tokens))
@@ -258,6 +294,7 @@ class PersistentBatch:
             state = self.sequences[cont.sequence_id]
             state.block_ids.extend(cont.new_block_ids)
             scheduled.append(ScheduledSequence(
-                state, state.num_computed_tokens, cont.num_scheduled_tokens, tuple(cont.draft_token_ids)
+                state, state.num_computed_tokens, cont.num_scheduled_tokens, tuple(cont.draft_token_ids),
+                cont.num_model_drafts,
             ))
         return scheduled

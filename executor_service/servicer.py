@@ -60,6 +60,10 @@ def describe_to_pb(executor: LoadedExecutor) -> pb.ExecutorDescription:
         max_logprobs=info.max_logprobs,
         max_loras=info.max_loras,
         max_lora_rank=info.max_lora_rank,
+        draft_model=None if info.draft_model is None else pb.DraftModelInfo(
+            name=info.draft_model.name, path=info.draft_model.path, num_layers=info.draft_model.num_layers,
+            max_model_drafts=info.draft_model.max_model_drafts,
+        ),
     )
 
 

@@ -30,7 +30,7 @@ DEFAULT_LOG_FORMAT = "auto"
 # Its hop is loopback, authenticated by a random token: TLS on it is for executors on other machines.
 SERVE_OWNS_EXECUTOR_FIELDS = (
     "model_dir", "host", "port", "max_num_seqs", "max_num_batched_tokens", "enable_lora", "executor_token",
-    "tls_cert", "tls_key", "tls_client_ca",
+    "tls_cert", "tls_key", "tls_client_ca", "speculative_config",
 )
 SERVE_OWNS_SCHEDULER_FIELDS = (
     "executor_addresses", "executor_tls_ca", "executor_tls_client_cert", "executor_tls_client_key",
@@ -119,6 +119,16 @@ def _run_create_tiny_model(args: argparse.Namespace) -> int:
     return run_create_tiny_model(create_tiny_model_parser().parse_args(args.arguments))
 
 
+def _add_create_draft_model_parser(subparsers: argparse._SubParsersAction) -> None:
+    from pagewire.create_draft_model import add_create_draft_model_arguments, run_create_draft_model
+
+    p = _subparser(subparsers, "create-draft-model",
+                   "write the first N layers of a checkpoint (embeddings, final norm and LM head kept) as a "
+                   "draft model for speculative decoding")
+    add_create_draft_model_arguments(p)
+    p.set_defaults(handler=run_create_draft_model)
+
+
 def _add_scheduler_parser(subparsers: argparse._SubParsersAction) -> None:
     p = _subparser(subparsers, "scheduler", "serve the public Generation API over one or more executors")
     add_config_flags(p, EngineConfig)
@@ -164,6 +174,7 @@ def serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ExecutorConfi
         model_dir=args.model or "", port=args.executor_port,
         max_num_seqs=engine_config.max_num_seqs, max_num_batched_tokens=engine_config.max_num_batched_tokens,
         enable_lora=engine_config.enable_lora, executor_token=engine_config.executor_token,
+        speculative_config=engine_config.speculative_config,
     )
     # Flags are checked (above) before the model is resolved (or the tiny one made).
     if executor_config.simulate is not None:
@@ -294,7 +305,10 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     spec.add_argument("--batch-sizes", default="1,16,64", help="concurrencies to measure at")
     spec.add_argument("--workloads", default="copy,chat", help="copy (quote a passage), chat (questions)")
     spec.add_argument("--configs", default="off,ngram",
-        help="off first; ngram; off-no-overlap (off with one plan in flight, as while drafting)")
+        help="off first; ngram; draft_model (needs --draft-model); off-no-overlap (off with one plan in flight, "
+        "as while drafting)")
+    spec.add_argument("--draft-model", default=None,
+        help="draft_model: the draft checkpoint, e.g. from `pagewire create-draft-model` (default: none)")
     spec.add_argument("--output-len", type=int, default=96, help="greedy tokens per request (EOS ignored)")
     spec.add_argument("--loaded-output-len", type=int, default=48, help="tokens per request at batch >= 64")
     spec.add_argument("--requests-at-batch-1", type=int, default=2, help="requests sent in turn at batch 1")
@@ -336,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_executor_parser(subparsers)
     _add_scheduler_parser(subparsers)
     _add_create_tiny_model_parser(subparsers)
+    _add_create_draft_model_parser(subparsers)
     _add_bench_parser(subparsers)
     return parser
 

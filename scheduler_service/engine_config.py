@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from scheduler_service.executor_channel import ExecutorChannel
 from scheduler_service.executor_discovery import ExecutorTarget
-from scheduler_service.speculative.speculative_config import SpeculativeConfig
+from shared.speculative_config import SpeculativeConfig
 from shared.scheduler_identity import PROCESS_SCHEDULER_ID
 from shared.tls import check_server_files
 from shared.setting import setting
@@ -107,8 +107,10 @@ class EngineConfig:
     speculative_config: str | None = setting(
         None, metavar="JSON", help='speculative decoding, as vLLM spells it: \'{"method": "ngram", '
         '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\' (drafts proposed here '
-        "from each request's own tokens, verified in the target forward; the tokens do not change; plans are "
-        "then sent one at a time)", default_text="off",
+        "from each request's own tokens) or '{\"method\": \"draft_model\", \"model\": DIR, "
+        "\"num_speculative_tokens\": 4}' (drafts proposed by the executors' draft model: give them the same "
+        "flag); verified in the target forward, the tokens do not change; plans are then sent one at a time",
+        default_text="off",
     )
     scheduler_id: str = setting(
         PROCESS_SCHEDULER_ID, help="this scheduler's name to its executors: each serves one scheduler id at a "

@@ -33,6 +33,8 @@ class ExecutorDescription:
     max_loras: int = 0
     max_lora_rank: int = 0
     fingerprint: str = ""
+    # Most model drafts a plan may ask for per sequence (0: the executor has no draft model).
+    max_model_drafts: int = 0
 
     @classmethod
     def from_pb(cls, message: pb.ExecutorDescription) -> ExecutorDescription:
@@ -64,6 +66,7 @@ class ExecutorDescription:
             max_loras=message.max_loras,
             max_lora_rank=message.max_lora_rank,
             fingerprint=message.model.fingerprint,
+            max_model_drafts=message.draft_model.max_model_drafts if message.HasField("draft_model") else 0,
         )
 
     @property
@@ -79,7 +82,7 @@ class ExecutorDescription:
         def geometry(d: ExecutorDescription) -> tuple[object, ...]:
             return (
                 d.block_size, d.num_device_blocks, d.num_host_blocks, d.vocab_size, d.model_path, d.max_loras,
-                d.fingerprint,
+                d.fingerprint, d.max_model_drafts,
             )
 
         return geometry(self) == geometry(other)

@@ -402,7 +402,11 @@ class ExecutorReplica:
         )
         pool = BlockPool(description.num_device_blocks)
         kv_cache_manager = KVCacheManager(pool, description.block_size, config.enable_prefix_caching)
-        return Scheduler(scheduler_config, kv_cache_manager, proposer_from(config.speculative))
+        speculative = config.speculative
+        proposer = proposer_from(speculative, description.max_model_drafts)
+        scheduler = Scheduler(scheduler_config, kv_cache_manager, proposer)
+        scheduler.speculation.adaptive = speculative is None or speculative.adaptive
+        return scheduler
 
     async def _step(self) -> None:
         """One iteration: fill the pipeline up to `max_plans_in_flight` plans, then await, apply and
@@ -435,7 +439,10 @@ class ExecutorReplica:
             await self.client.close()
             raise Unavailable(f"executor {self.address} rejected a plan") from error
         self.owner.on_outputs(self, outputs)
-        scheduler.speculation.step_time.observe(result.timing.num_tokens, result.timing.forward_seconds)
+        scheduler.speculation.observe_step(result.step_id, result.timing.num_tokens, result.timing.forward_seconds)
+        scheduler.speculation.draft_cost.observe(
+            sum(len(output.draft_token_ids) for output in result.outputs), result.timing.draft_seconds
+        )
         finished = time.perf_counter()
         # A step's wall time runs from when the executor could start on it (its plan sent, or the
         # previous result handled, whichever is later) to its result handled: with plans in flight
@@ -461,7 +468,8 @@ class ExecutorReplica:
         """A speculated sequence's next step depends on how many drafts its last one accepted, so
         drafting needs plans one at a time; overlap pays more once drafting would not (under load)."""
         if scheduler.proposer is not None and scheduler.speculation.worth_drafting(
-            max((seq.draft_acceptance for seq in scheduler.running if seq.speculative), default=0.0)
+            max((seq.draft_acceptance for seq in scheduler.running if seq.speculative), default=0.0),
+            len(scheduler.running),
         ):
             return 1
         return self.config.max_plans_in_flight

@@ -87,7 +87,8 @@ class PlanEncoder:
                 assert len(block_ids) >= num_sent, f"block table of sequence {seq.sequence_id} shrank"
                 continued_sequences.append(
                     ContinuedSequence(
-                        seq.sequence_id, num_scheduled_tokens, tuple(block_ids[num_sent:]), seq.draft_token_ids
+                        seq.sequence_id, num_scheduled_tokens, tuple(block_ids[num_sent:]), seq.draft_token_ids,
+                        seq.num_model_drafts,
                     )
                 )
             self._num_sent_block_ids[seq.sequence_id] = len(block_ids)

@@ -17,7 +17,7 @@ from scheduler_service.scheduler_counters import SchedulerCounters
 from scheduler_service.scheduler_invariants import check_scheduler_invariants
 from scheduler_service.sequence import Sequence, SequenceStatus
 from scheduler_service.speculative.draft_acceptance import accept_drafts
-from scheduler_service.speculative.draft_proposer import DraftProposer
+from scheduler_service.speculative.draft_proposer import DraftProposer, ExecutorDraftModel
 from scheduler_service.speculative.speculation_policy import SpeculationPolicy
 from scheduler_service.swap_space import SwapSpace
 from shared.step_plan import BlockId, BlockPairs, SequenceId, SequenceOutput, StepPlan, StepResult
@@ -167,18 +167,19 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.draft_token_ids or seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens == 0:
+            if seq.num_draft_tokens or seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens == 0:
                 continue  # (drafts: its verification is in flight; how far it got is not known yet)
             if seq.num_output_placeholders and seq.num_tokens_with_placeholders >= self._num_tokens_limit(seq):
                 continue
             num_new_tokens = min(seq.num_uncomputed_tokens, budget)
-            drafts = self._drafts(seq, budget) if num_new_tokens == seq.num_uncomputed_tokens == 1 else ()
-            num_new_tokens += len(drafts)
+            is_decode = num_new_tokens == seq.num_uncomputed_tokens == 1
+            drafts, num_model_drafts = self._drafts(seq, budget) if is_decode else ((), 0)
+            num_new_tokens += len(drafts) + num_model_drafts
             victims = self._allocate_or_preempt(seq, seq.num_computed_tokens + num_new_tokens, swap_out)
             preempted_ids.extend(victim.sequence_id for victim in victims)
             if seq.status is SequenceStatus.RUNNING:
                 self._cache_computed_blocks(seq, seq.num_computed_tokens + num_new_tokens)
-                seq.draft_token_ids = drafts
+                seq.draft_token_ids, seq.num_model_drafts = drafts, num_model_drafts
                 scheduled[seq.sequence_id] = num_new_tokens
                 budget -= num_new_tokens
 
@@ -228,23 +229,26 @@ class Scheduler:
             self.counters.num_prompt_tokens_computed += max(0, min(end, seq.num_prompt_tokens) - start)
             self.counters.num_tokens_recomputed += max(0, min(end, seq.recompute_until) - start)
             seq.num_computed_tokens = end
-            samples[sid] = end - len(seq.draft_token_ids) == seq.num_tokens_with_placeholders
+            samples[sid] = end - seq.num_draft_tokens == seq.num_tokens_with_placeholders
             seq.num_output_placeholders += samples[sid]
         self._in_flight.append(plan.step_id, samples)
+        self.speculation.planned(plan, num_sampling_sequences=sum(samples.values()))
         return plan
 
-    def _drafts(self, seq: Sequence, budget: int) -> tuple[int, ...]:
-        """Draft tokens for a decode of a sequence the executor holds with nothing in flight: at most
-        what the token budget and the sequence's end leave (the step samples one token past them)."""
-        if self.proposer is None or not seq.speculative or seq.num_output_placeholders:
-            return ()
-        if not self.plan_encoder.knows(seq.sequence_id):
-            return ()
-        if not self.speculation.worth_drafting(seq.draft_acceptance):
+    def _drafts(self, seq: Sequence, budget: int) -> tuple[tuple[int, ...], int]:
+        """(draft tokens, model drafts to ask the executor for) for a decode of a sequence the executor
+        holds with nothing in flight: at most what the token budget and the sequence's end leave (the
+        step samples one token past them)."""
+        if (self.proposer is None or not seq.speculative or seq.num_output_placeholders
+                or not self.plan_encoder.knows(seq.sequence_id)):
+            return (), 0
+        limit = min(self.proposer.num_speculative_tokens, budget - 1, self._num_tokens_limit(seq) - seq.num_tokens - 1)
+        k = self.speculation.draft_length(seq.draft_acceptance, limit, len(self.running))
+        if not self.speculation.worth_drafting(seq.draft_acceptance, len(self.running)):
             seq.draft_acceptance = self.speculation.recovered(seq.draft_acceptance)
-            return ()
-        k = min(self.proposer.num_speculative_tokens, budget - 1, self._num_tokens_limit(seq) - seq.num_tokens - 1)
-        return self.proposer.propose(seq.token_ids, k) if k > 0 else ()
+        if k == 0 or isinstance(self.proposer, ExecutorDraftModel):
+            return (), k
+        return self.proposer.propose(seq.token_ids, k), 0
 
     def _num_tokens_limit(self, seq: Sequence) -> int:
         """The length the sequence can never exceed: its request ends at it at the latest."""
@@ -342,7 +346,7 @@ class Scheduler:
         kv = self.kv_cache_manager
         victim.num_computed_tokens = min(victim.num_computed_tokens, victim.num_tokens)
         victim.num_output_placeholders = 0
-        victim.draft_token_ids = ()
+        victim.drop_drafts()
         num_blocks = -(-victim.num_computed_tokens // kv.block_size)
         num_tokens_to_recompute = max(1, victim.num_tokens - kv.num_shared_prefix_tokens(victim.sequence_id))
         decision = self.preemption_policy.choose(
@@ -400,8 +404,8 @@ class Scheduler:
                 continue
             seq = self._sequences[output.sequence_id]
             num_expected = int(expects_token)
-            if seq.draft_token_ids:
-                accept_drafts(seq, output.token_ids, self.speculation, self.counters)
+            if seq.num_draft_tokens:
+                accept_drafts(seq, output, self.speculation, self.counters)
             else:
                 assert len(output.token_ids) == num_expected, (
                     f"sequence {output.sequence_id}: {len(output.token_ids)} tokens, expected {num_expected}"
@@ -436,7 +440,7 @@ class Scheduler:
         self.swap_space.free(seq.sequence_id)
         seq.status = SequenceStatus.FINISHED
         seq.num_output_placeholders = 0
-        seq.draft_token_ids = ()
+        seq.drop_drafts()
         del self._sequences[seq.sequence_id]
         self._in_flight.forget(seq.sequence_id)
         if self.plan_encoder.knows(seq.sequence_id):
@@ -471,7 +475,7 @@ class Scheduler:
             seq.recompute_until = max(seq.recompute_until, min(seq.num_computed_tokens, seq.num_tokens))
             seq.num_computed_tokens = 0
             seq.num_output_placeholders = 0
-            seq.draft_token_ids = ()
+            seq.drop_drafts()
             seq.status = SequenceStatus.WAITING
         self.kv_cache_manager.reset_prefix_cache()
         self.plan_encoder.reset()

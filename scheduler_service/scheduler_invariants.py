@@ -35,7 +35,7 @@ def check_scheduler_invariants(scheduler: Scheduler) -> None:
     for seq in scheduler.running:
         assert seq.status is SequenceStatus.RUNNING
         assert (seq.adapter is None) == (seq.lora_slot is None), f"{seq.sequence_id}: adapter without slot"
-        assert 0 < seq.num_computed_tokens <= seq.num_tokens_with_placeholders + len(seq.draft_token_ids)
+        assert 0 < seq.num_computed_tokens <= seq.num_tokens_with_placeholders + seq.num_draft_tokens
         assert seq.num_output_placeholders == num_tokens_in_flight.get(seq.sequence_id, 0), (
             f"{seq.sequence_id}: {seq.num_output_placeholders} placeholders, "
             f"{num_tokens_in_flight.get(seq.sequence_id, 0)} tokens sampled in flight"
@@ -52,7 +52,7 @@ def check_scheduler_invariants(scheduler: Scheduler) -> None:
         assert seq.num_uncomputed_tokens <= 1, f"{seq.sequence_id} is a partial prompt but not the latest"
     swapped_ids = set()
     for seq in scheduler.waiting:
-        assert seq.num_output_placeholders == 0 and not seq.draft_token_ids, f"waiting {seq.sequence_id} has placeholders"
+        assert seq.num_output_placeholders == 0 and not seq.num_draft_tokens, f"waiting {seq.sequence_id} has placeholders"
         assert seq.lora_slot is None, f"waiting {seq.sequence_id} pins LoRA slot {seq.lora_slot}"
         if seq.status is SequenceStatus.SWAPPED:
             swapped_ids.add(seq.sequence_id)

@@ -54,10 +54,12 @@ class Sequence:
     recompute_until: int = 0
     num_output_placeholders: int = 0
     max_num_tokens: int | None = None
-    # Speculative decoding: whether the request allows it, and the draft tokens of the step in flight.
+    # Speculative decoding: whether the request allows it, and the drafts of the step in flight: tokens
+    # proposed here, or how many the executor's draft model proposes (known when the result comes).
     speculative: bool = True
     draft_token_ids: tuple[int, ...] = ()
-    # Accepted / drafted tokens, smoothed over its verifications (SpeculationPolicy).
+    num_model_drafts: int = 0
+    # Per-token acceptance of its drafts (accepted / tried), smoothed over verifications (SpeculationPolicy).
     draft_acceptance: float = PRIOR_ACCEPTANCE
 
     def __post_init__(self) -> None:
@@ -89,6 +91,15 @@ class Sequence:
     @property
     def num_tokens_with_placeholders(self) -> int:
         return self.num_tokens + self.num_output_placeholders
+
+    @property
+    def num_draft_tokens(self) -> int:
+        """Draft tokens the step in flight verifies, whoever proposes them."""
+        return len(self.draft_token_ids) + self.num_model_drafts
+
+    def drop_drafts(self) -> None:
+        self.draft_token_ids = ()
+        self.num_model_drafts = 0
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -96,6 +96,7 @@ def plan_to_pb(plan: StepPlan) -> pb.StepPlan:
             num_scheduled_tokens=cont.num_scheduled_tokens,
             new_block_ids=cont.new_block_ids,
             draft_token_ids=cont.draft_token_ids,
+            num_model_drafts=cont.num_model_drafts,
         )
     for load in plan.adapter_loads:
         message.adapter_loads.add(slot=load.slot, adapter_name=load.adapter_name, adapter_path=load.adapter_path)
@@ -125,6 +126,7 @@ def plan_from_pb(message: pb.StepPlan) -> StepPlan:
                 num_scheduled_tokens=cont.num_scheduled_tokens,
                 new_block_ids=tuple(cont.new_block_ids),
                 draft_token_ids=tuple(cont.draft_token_ids),
+                num_model_drafts=cont.num_model_drafts,
             )
             for cont in message.continued_sequences
         ),
@@ -149,6 +151,7 @@ def result_to_pb(result: StepResult) -> pb.StepResult:
             sample_seconds=result.timing.sample_seconds,
             block_ops_seconds=result.timing.block_ops_seconds,
             num_tokens=result.timing.num_tokens,
+            draft_seconds=result.timing.draft_seconds,
         ),
     )
     if result.error is not None:
@@ -157,7 +160,10 @@ def result_to_pb(result: StepResult) -> pb.StepResult:
         if result.error.adapter_slot is not None:
             message.error.adapter_slot = result.error.adapter_slot
     for out in result.outputs:
-        entry = message.outputs.add(sequence_id=out.sequence_id, token_ids=out.token_ids, logprobs=out.logprobs)
+        entry = message.outputs.add(
+            sequence_id=out.sequence_id, token_ids=out.token_ids, logprobs=out.logprobs,
+            draft_token_ids=out.draft_token_ids,
+        )
         for candidates in out.top_logprobs:
             entry.top_logprobs.add(
                 token_ids=[token_id for token_id, _ in candidates],
@@ -183,6 +189,7 @@ def result_from_pb(message: pb.StepResult) -> StepResult:
                 top_logprobs=tuple(
                     tuple(zip(top.token_ids, top.logprobs)) for top in out.top_logprobs
                 ),
+                draft_token_ids=tuple(out.draft_token_ids),
             )
             for out in message.outputs
         ),
@@ -192,6 +199,7 @@ def result_from_pb(message: pb.StepResult) -> StepResult:
             sample_seconds=message.timing.sample_seconds,
             block_ops_seconds=message.timing.block_ops_seconds,
             num_tokens=message.timing.num_tokens,
+            draft_seconds=message.timing.draft_seconds,
         ),
         error=error,
     )

@@ -85,12 +85,17 @@ class NewSequence:
 
 @dataclass(frozen=True, slots=True)
 class ContinuedSequence:
-    """The change to a sequence the executor holds: tokens to compute and blocks appended."""
+    """The change to a sequence the executor holds: tokens to compute and blocks appended.
+
+    Speculative decoding: `draft_token_ids` (proposed by the scheduler) or `num_model_drafts` (to be
+    proposed by the executor's draft model), never both, follow the known tokens and are verified this
+    step; `num_scheduled_tokens` counts them."""
 
     sequence_id: SequenceId
     num_scheduled_tokens: int
     new_block_ids: tuple[int, ...] = ()
     draft_token_ids: tuple[int, ...] = ()
+    num_model_drafts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +133,9 @@ class SequenceOutput:
     logprobs: tuple[float, ...] = ()
     # For each sampled token, the top-N (token id, logprob) pairs, most likely first.
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
+    # The draft model's drafts this step verified (`num_model_drafts` of them); the first
+    # len(token_ids) - 1 were accepted. Empty for drafts the scheduler proposed.
+    draft_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +147,8 @@ class StepTiming:
     sample_seconds: float = 0.0
     block_ops_seconds: float = 0.0
     num_tokens: int = 0
+    # The draft model's forward and draft steps (not part of forward_seconds).
+    draft_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

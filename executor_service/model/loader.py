@@ -18,7 +18,7 @@ from shared.model_path import find_gguf_file
 
 # Checkpoint tensors that carry no weights of ours (old Llama exports saved the RoPE table).
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+HF_LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 class SafetensorsCheckpoint:
@@ -47,7 +47,7 @@ class SafetensorsCheckpoint:
         pending = {name: set(shards) for name, shards in expected_shards(model).items()}
         unexpected: list[str] = []
         with torch.no_grad():
-            for file in _safetensors_files(self.path):
+            for file in safetensors_files(self.path):
                 with safe_open(str(file), framework="pt", device="cpu") as handle:
                     for tensor_name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                         target = _target(tensor_name, config)
@@ -100,7 +100,8 @@ def load_model(
     return checkpoint.load(dtype, device, ops), checkpoint.config
 
 
-def _safetensors_files(directory: Path) -> list[Path]:
+def safetensors_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (those its index names, else every one)."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -121,7 +122,7 @@ def _target(tensor_name: str, config: ModelConfig) -> tuple[str, str] | None:
         return "norm.weight", ""
     if tensor_name == "lm_head.weight":
         return None if config.tie_word_embeddings else ("lm_head.weight", "")
-    match = _LAYER.fullmatch(tensor_name)
+    match = HF_LAYER_TENSOR.fullmatch(tensor_name)
     if match is None:
         return None
     layer, rest = match.groups()

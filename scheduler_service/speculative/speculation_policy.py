@@ -1,18 +1,24 @@
-"""When drafting pays: a step-time model fitted online from the executor's forward times, weighed
-against how often each request's drafts are accepted."""
+"""When drafting pays: a step-time model fitted online from the executor's decode-step forward times,
+weighed against how often each request's draft tokens are accepted."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scheduler_service.speculative.draft_cost import DraftCost
+from shared.step_plan import StepPlan
+
 # Each step's observation weighs this much against everything before it (exponential forgetting).
 _FORGET = 0.05
-# A request's acceptance rate after a verification: (1 - _LEARN) * old + _LEARN * this draft's rate.
-_LEARN = 0.3
+# A request's per-token acceptance rate learns this much from each draft token a verification tried.
+_LEARN = 0.2
 # While a request is not drafted, its rate creeps back to the prior by this fraction per decode, so a
 # request whose drafts kept failing is tried again now and then.
 _RECOVER = 0.05
 PRIOR_ACCEPTANCE = 0.7
+# While the recent step sizes vary by less than this fraction of their mean (weighted standard
+# deviation), a slope fitted from them would be noise: the last one fitted is kept.
+_MIN_RELATIVE_SIZE_SPREAD = 0.1
 
 
 @dataclass(slots=True)
@@ -20,38 +26,42 @@ class StepTimeModel:
     """forward seconds ~= fixed + per_token * tokens, by weighted least squares with forgetting.
 
     `fixed` is what a step costs whatever its size (reading the weights, launching work); `per_token`
-    what each computed token adds. Until two step sizes were seen, `per_token` is unknown (0)."""
+    what each computed token adds. Until sizes that differ were seen, `per_token` is unknown (0); while
+    the recent sizes hardly vary (a steady batch), or the fit says a token costs nothing or less, the
+    last positive slope fitted from varied sizes is kept. Fed only decode steps
+    (SpeculationPolicy.observe_step), whose every token gets logits and is sampled, as a draft token is."""
 
-    _n: float = 0.0
-    _sx: float = 0.0
-    _sy: float = 0.0
-    _sxx: float = 0.0
-    _sxy: float = 0.0
+    _weight: float = 0.0
+    _mean_x: float = 0.0
+    _mean_y: float = 0.0
+    # Weighted co-moments about the means (centred, so a steady size does not cancel catastrophically).
+    _cxx: float = 0.0
+    _cxy: float = 0.0
+    _slope: float = 0.0
     last_num_tokens: int = 0
 
     def observe(self, num_tokens: int, seconds: float) -> None:
         if num_tokens <= 0 or seconds <= 0:
             return
         keep = 1.0 - _FORGET
-        self._n = self._n * keep + 1.0
-        self._sx = self._sx * keep + num_tokens
-        self._sy = self._sy * keep + seconds
-        self._sxx = self._sxx * keep + num_tokens * num_tokens
-        self._sxy = self._sxy * keep + num_tokens * seconds
+        self._weight = self._weight * keep + 1.0
+        dx, dy = num_tokens - self._mean_x, seconds - self._mean_y
+        self._mean_x += dx / self._weight
+        self._mean_y += dy / self._weight
+        self._cxx = self._cxx * keep + dx * (num_tokens - self._mean_x)
+        self._cxy = self._cxy * keep + dx * (seconds - self._mean_y)
+        spread = _MIN_RELATIVE_SIZE_SPREAD * max(self._mean_x, 1.0)
+        if self._cxx >= spread * spread * self._weight and self._cxy > 0:
+            self._slope = self._cxy / self._cxx
         self.last_num_tokens = num_tokens
 
     @property
     def per_token(self) -> float:
-        denominator = self._n * self._sxx - self._sx * self._sx
-        if self._n < 2 or denominator <= 1e-12:
-            return 0.0
-        return max(0.0, (self._n * self._sxy - self._sx * self._sy) / denominator)
+        return max(0.0, self._slope)
 
     @property
     def fixed(self) -> float:
-        if self._n == 0:
-            return 0.0
-        return max(0.0, (self._sy - self.per_token * self._sx) / self._n)
+        return max(0.0, self._mean_y - self.per_token * self._mean_x)
 
     def token_share(self, num_tokens: int) -> float:
         """Of a step of `num_tokens` tokens, the share of its time its tokens cost (0: all fixed)."""
@@ -61,21 +71,82 @@ class StepTimeModel:
 
 
 class SpeculationPolicy:
-    """Drafting k tokens for a request adds k tokens to the step (everyone waits `per_token * k` more)
-    and gains the accepted ones. With N tokens in the step, fixed cost a and per-token cost b,
-    throughput rises exactly when accepted / drafted >= N b / (a + N b), the step's token share: near 0
-    on an idle, memory-bound executor (draft freely), near 1 when the forward is compute-bound (only
-    requests whose drafts are nearly always right). N is the last step's size."""
+    """Drafting one more token for a request adds a token to the step (everyone waits `per_token` more)
+    and gains it when it and every draft token before it are accepted. With B sequences decoding, fixed
+    cost a and per-token cost b, a step makes B tokens in a + B b seconds, so the j-th draft token of a
+    request whose tokens are each accepted with probability p raises throughput when p^j >= B b /
+    (a + B b), the token share of a step without drafts: near 0 on an idle, memory-bound executor
+    (draft freely), near 1 when the forward is compute-bound (only requests whose drafts are nearly
+    always right, and few tokens of them). B is the number of sequences running (the scheduler's
+    count; by default the last decode step's). A draft model adds its own time per draft token c
+    (`draft_cost`), so the bar rises by B c / (a + B b): a draft as slow as the target never pays.
+
+    a and b are fitted on decode steps only: a prefill token gets no logits (no LM head, no sampling)
+    and runs in large efficient matrix products, so mixing prefill steps into the fit under-states what
+    a draft token costs (measured on 2 CPU cores, SmolLM2-135M: 3.0-3.3 ms per prefill token, 5.0-5.4
+    ms per decode token), which kept drafting at batch 64 where it cost throughput. With `adaptive` off
+    (a benchmark or test that measures drafting itself), every request that allows it is drafted every
+    step, as far as asked."""
 
     def __init__(self) -> None:
         self.step_time = StepTimeModel()
+        self.draft_cost = DraftCost()
+        self.adaptive = True
+        self.last_num_decodes = 0
+        # step id -> (tokens computed without being sampled, draft tokens) of the plans in flight.
+        self._planned: dict[int, tuple[int, int]] = {}
 
-    def worth_drafting(self, acceptance: float) -> bool:
-        return acceptance >= self.step_time.token_share(self.step_time.last_num_tokens)
+    def planned(self, plan: StepPlan, num_sampling_sequences: int) -> None:
+        """Records what a plan sent holds: its draft tokens, and the tokens it computes that get no
+        logits (prompt or recomputed ones; a sampling sequence's last token and its drafts get them)."""
+        num_drafts = sum(len(c.draft_token_ids) + c.num_model_drafts for c in plan.continued_sequences)
+        num_unsampled = plan.num_scheduled_tokens - num_sampling_sequences - num_drafts
+        self._planned[plan.step_id] = (num_unsampled, num_drafts)
+
+    def observe_step(self, step_id: int, num_tokens: int, forward_seconds: float) -> None:
+        """Learns from a decode step's forward time; other steps (or ones never planned) teach nothing."""
+        planned = self._planned.pop(step_id, None)
+        for stale in [i for i in self._planned if i < step_id]:  # plans a reconnect left unanswered
+            del self._planned[stale]
+        if planned is None or planned[0] > 0 or num_tokens <= planned[1]:
+            return
+        self.step_time.observe(num_tokens, forward_seconds)
+        self.last_num_decodes = num_tokens - planned[1]
+
+    def draft_length(self, acceptance: float, max_num_tokens: int, num_decodes: int | None = None) -> int:
+        """How many draft tokens, up to `max_num_tokens`, a request accepting each with probability
+        `acceptance` should get in a step of `num_decodes` sequences: the longest run whose last token
+        still pays (0: do not draft)."""
+        if not self.adaptive:
+            return max(0, max_num_tokens)
+        bar = self._bar(self.last_num_decodes if num_decodes is None else num_decodes)
+        num_tokens, reach = 0, acceptance
+        while num_tokens < max_num_tokens and reach >= bar and reach > 0:
+            num_tokens += 1
+            reach *= acceptance
+        return num_tokens
+
+    def worth_drafting(self, acceptance: float, num_decodes: int | None = None) -> bool:
+        return self.draft_length(acceptance, 1, num_decodes) == 1
+
+    def _bar(self, num_decodes: int) -> float:
+        return self.step_time.token_share(num_decodes) + self._draft_share(num_decodes)
+
+    def _draft_share(self, num_tokens: int) -> float:
+        step_seconds = self.step_time.fixed + self.step_time.per_token * num_tokens
+        cost = self.draft_cost.seconds_per_draft_token * num_tokens
+        return cost / step_seconds if step_seconds > 0 else 0.0
 
     @staticmethod
     def learned(acceptance: float, num_drafted: int, num_accepted: int) -> float:
-        return (1.0 - _LEARN) * acceptance + _LEARN * (num_accepted / num_drafted)
+        """The per-token acceptance after a verification: each accepted token is a success, the first
+        rejected one (if any) a failure, and the tokens after it were never tried on their own. The
+        verification's trials weigh alike (1 - (1 - _LEARN)^trials in all), so the rate tracks accepted /
+        tried over recent verifications; accepted / drafted would under-state long drafts."""
+        assert 0 <= num_accepted <= num_drafted
+        num_tried = num_accepted + (num_accepted < num_drafted)
+        weight = 1.0 - (1.0 - _LEARN) ** num_tried
+        return acceptance + (num_accepted / num_tried - acceptance) * weight
 
     @staticmethod
     def recovered(acceptance: float) -> float:

@@ -78,9 +78,14 @@ class ExecutorMirror:
     a slot holding other tokens. A sequence whose computed tokens reach the end of its tokens samples
     `sampled_token`; with draft tokens, it keeps those equal to `sampled_token` at their position, then
     the first sample that differs (a correct verifier), and counts only accepted positions as computed.
+    Asked for k model drafts, it is its own draft model: its first `num_right_model_drafts` drafts are
+    its samples, the rest token 7, and the output names them.
     """
 
-    def __init__(self, block_size: int, num_device_blocks: int, num_host_blocks: int = 0) -> None:
+    def __init__(
+        self, block_size: int, num_device_blocks: int, num_host_blocks: int = 0, num_right_model_drafts: int = 0
+    ) -> None:
+        self.num_right_model_drafts = num_right_model_drafts
         self.block_size = block_size
         self.num_device_blocks = num_device_blocks
         self.num_host_blocks = num_host_blocks
@@ -118,6 +123,7 @@ class ExecutorMirror:
         self._copy(plan.swap_out, self.device, self.host, self.num_device_blocks, self.num_host_blocks)
         self._copy(plan.swap_in, self.host, self.device, self.num_host_blocks, self.num_device_blocks)
         work: list[tuple[int, int, int, tuple[int, ...]]] = []
+        model_drafts: dict[int, tuple[int, ...]] = {}
         for new in plan.new_sequences:
             assert new.sequence_id not in self.token_ids
             self.token_ids[new.sequence_id] = list(new.token_ids)
@@ -126,8 +132,13 @@ class ExecutorMirror:
             work.append((new.sequence_id, new.num_computed_tokens, new.num_scheduled_tokens, ()))
         for cont in plan.continued_sequences:
             self.block_ids[cont.sequence_id].extend(cont.new_block_ids)
-            work.append((cont.sequence_id, self.num_computed[cont.sequence_id], cont.num_scheduled_tokens,
-                         cont.draft_token_ids))
+            known = len(self.token_ids[cont.sequence_id])
+            drafts = cont.draft_token_ids or tuple(
+                sampled_token(cont.sequence_id, known + j) if j < self.num_right_model_drafts else 7
+                for j in range(cont.num_model_drafts)
+            )
+            work.append((cont.sequence_id, self.num_computed[cont.sequence_id], cont.num_scheduled_tokens, drafts))
+            model_drafts[cont.sequence_id] = drafts if cont.num_model_drafts else ()
         for sequence_id, start, num_tokens, drafts in work:
             tokens = [*self.token_ids[sequence_id], *drafts]
             assert start + num_tokens <= len(tokens)
@@ -152,7 +163,8 @@ class ExecutorMirror:
                 sampled = (*drafts[:num_accepted], sampled_token(sequence_id, known + num_accepted))
                 tokens.extend(sampled)
                 self.num_computed[sequence_id] -= len(drafts) - num_accepted
-            outputs.append(SequenceOutput(SequenceId(sequence_id), sampled))
+            outputs.append(SequenceOutput(SequenceId(sequence_id), sampled,
+                                          draft_token_ids=model_drafts.get(sequence_id, ())))
         return StepResult(step_id=plan.step_id, outputs=tuple(outputs))
 
 

@@ -170,3 +170,14 @@ def test_flags_build_the_config():
     assert parse_batch_sizes("64, 1,16") == (1, 16, 64)
     with pytest.raises(ValueError, match="comma-separated"):
         parse_batch_sizes("1,x")
+
+
+def test_a_draft_model_configuration_goes_to_both_services():
+    config = SpecBenchConfig(configs=("off", "draft_model"), draft_model="/d", num_speculative_tokens=3)
+    spec = '{"method": "draft_model", "model": "/d", "num_speculative_tokens": 3}'
+    assert config.scheduler_args("draft_model") == ["--no-enable-prefix-caching", "--speculative-config", spec]
+    assert config.executor_args("draft_model") == ["--kv-cache-memory", "1GiB", "--speculative-config", spec]
+    assert config.executor_args("off") == ["--kv-cache-memory", "1GiB"]
+    assert config.not_run == {} and "draft_model" in SpecBenchConfig().not_run
+    with pytest.raises(ValueError, match="needs --draft-model DIR"):
+        SpecBenchConfig(configs=("off", "draft_model"))

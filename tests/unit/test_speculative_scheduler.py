@@ -11,8 +11,9 @@ import pytest
 
 from scheduler_service.scheduler import Scheduler
 from scheduler_service.sequence import Sequence
+from scheduler_service.speculative.draft_proposer import ExecutorDraftModel, proposer_from
 from scheduler_service.speculative.ngram_proposer import NgramProposer
-from scheduler_service.speculative.speculative_config import SpeculativeConfig
+from shared.speculative_config import SpeculativeConfig
 from shared.step_plan import SequenceId
 from tests.helpers.executor_mirror import ExecutorMirror, make_scheduler, own_prompt, sampled_token
 
@@ -112,6 +113,36 @@ def test_speculation_under_preemption_and_prefix_sharing_keeps_every_token() -> 
         assert scheduler.num_preemptions > 0, mode
 
 
+@pytest.mark.parametrize("num_right", [0, 2, 4])
+def test_model_drafts_under_preemption_keep_every_token_and_count_what_the_executor_proposed(
+    num_right: int,
+) -> None:
+    rng = random.Random(5)
+    lengths = {sid: (rng.randint(1, 14), rng.randint(1, 12)) for sid in range(1, 13)}
+    expected = {sid: [sampled_token(sid, p + i) for i in range(n)] for sid, (p, n) in lengths.items()}
+    for mode, num_host_blocks in (("recompute", 0), ("swap", 12)):
+        scheduler = with_proposer(ExecutorDraftModel(4), num_blocks=14, max_num_seqs=6, max_num_batched_tokens=24,
+                                  max_model_len=28, num_host_blocks=num_host_blocks, preemption_mode=mode)
+        mirror = ExecutorMirror(4, 14, num_host_blocks, num_right_model_drafts=num_right)
+        outputs, _ = run(scheduler, mirror, lengths)
+        assert outputs == expected, mode
+        assert scheduler.num_preemptions > 0, mode
+        counters = scheduler.counters
+        assert counters.num_drafts > 0 and counters.num_accepted_draft_tokens <= num_right * counters.num_drafts
+        if num_right == 4:  # right drafts, k capped only by the sequence's end
+            assert counters.num_accepted_draft_tokens == counters.num_draft_tokens
+        assert counters.num_accepted_per_position[num_right:] == [0] * (4 - num_right)
+
+
+def test_a_scheduler_needs_an_executor_draft_model_for_model_drafts() -> None:
+    config = SpeculativeConfig.parse('{"method": "draft_model", "model": "d", "num_speculative_tokens": 4}')
+    assert isinstance(proposer_from(config, max_model_drafts=4), ExecutorDraftModel)
+    with pytest.raises(ValueError, match="has no draft model"):
+        proposer_from(config, max_model_drafts=0)
+    with pytest.raises(ValueError, match="at most 2 drafts"):
+        proposer_from(config, max_model_drafts=2)
+
+
 def test_a_request_that_opts_out_is_never_speculated() -> None:
     scheduler = with_proposer(OracleProposer(3, num_right=3), max_model_len=32)
     scheduler.add_sequence(Sequence(SequenceId(1), own_prompt(1, 4), arrival_index=1, max_num_tokens=12,
@@ -139,7 +170,9 @@ def test_ngram_proposer_copies_what_followed_the_latest_match() -> None:
     [
         ("{", "is not JSON"),
         ("[1]", "must be a JSON object"),
-        ('{"method": "draft_model", "model": "x", "num_speculative_tokens": 2}', "draft_model is not supported yet"),
+        ('{"method": "draft_model", "num_speculative_tokens": 2}', "draft_model needs \"model\""),
+        ('{"method": "draft_model", "model": "d", "num_speculative_tokens": 2, "prompt_lookup_max": 3}',
+         "unknown keys"),
         ('{"method": "eagle", "num_speculative_tokens": 2}', "method must be ngram"),
         ('{"method": "ngram"}', "needs num_speculative_tokens"),
         ('{"method": "ngram", "num_speculative_tokens": 0}', "in 1..16"),
