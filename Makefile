@@ -98,5 +98,13 @@ gpu-bundle: install
 gpu-check:
 	$(PYTHON) -m benchmarks.gpu_check --results-dir $(RESULTS_DIR)
 
+# The CPU compose stack end to end (docker/check.sh): builds both images, starts them, asks one question
+# over gRPC and one over HTTP, then removes the stack and its images; prints "SKIPPED: no Docker
+# engine" (exit 0) without one. Not part of `make test` (minutes). Without Docker Hub:
+#   make docker-check DOCKER_BUILD_ARGS="--build-arg PYTHON_IMAGE=local/python:3.11-bookworm"
+.PHONY: docker-check
+docker-check:
+	DOCKER_BUILD_ARGS='$(DOCKER_BUILD_ARGS)' PYTHON=$(PYTHON) sh docker/check.sh
+
 clean:
 	rm -rf $(VENV) shared/pb build

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib.util
 import os
 import secrets
 import shlex
@@ -79,6 +80,13 @@ def _add_executor_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_executor)
 
 
+def _require_torch(command: str) -> None:
+    """ValueError with the install command when torch is missing (the base install is the scheduler's)."""
+    if importlib.util.find_spec("torch") is None:
+        raise ValueError(f"`pagewire {command}` needs torch, which the base install leaves out: "
+                         "pip install 'pagewire[executor]' (or [cuda13] / [cuda12] for the CUDA ops)")
+
+
 def _run_executor(args: argparse.Namespace) -> int:
     # Flags are checked before the model is resolved (or the tiny one made).
     config = config_from_args(ExecutorConfig, args, skip=("model_dir",), model_dir=args.model or "",
@@ -86,6 +94,7 @@ def _run_executor(args: argparse.Namespace) -> int:
     if config.simulate is not None and args.model:
         raise ValueError("--simulate serves no model: leave out --model (the profile names the tokenizer)")
     if config.simulate is None:
+        _require_torch("executor")  # a simulated executor runs without it
         config = dataclasses.replace(config, model_dir=str(resolve_model(args.model)))
     from executor_service.server import serve
 
@@ -114,6 +123,7 @@ def create_tiny_model_parser() -> argparse.ArgumentParser:
 
 
 def _run_create_tiny_model(args: argparse.Namespace) -> int:
+    _require_torch("create-tiny-model")
     from executor_service.tiny_model import run_create_tiny_model
 
     return run_create_tiny_model(create_tiny_model_parser().parse_args(args.arguments))

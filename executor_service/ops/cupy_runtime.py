@@ -24,8 +24,8 @@ def import_cupy() -> ModuleType:
         import cupy
     except ImportError as error:
         raise ImportError(
-            "the cuda ops backend needs CuPy: pip install 'pagewire[cuda]' (cupy-cuda13x for CUDA 13, "
-            f"cupy-cuda12x for CUDA 12), or use --attention-backend torch ({error})"
+            "the cuda ops backend needs CuPy: pip install 'pagewire[cuda13]' (cupy-cuda13x, for CUDA 13) or "
+            f"'pagewire[cuda12]' (cupy-cuda12x), or use --attention-backend torch ({error})"
         ) from error
     try:
         num_devices = cupy.cuda.runtime.getDeviceCount()

@@ -12,8 +12,10 @@ import yaml
 
 from pagewire.cli import build_parser
 from scheduler_service.executor_discovery import ExecutorTarget
+from shared.bearer_auth import EXECUTOR_TOKEN_ENV
 
-MANIFEST_DIR = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MANIFEST_DIR = REPO_ROOT / "deploy" / "kubernetes"
 # gRPC probes are GA since 1.27; validate against a release clusters run today.
 KUBERNETES_VERSION = "1.30"
 
@@ -107,7 +109,7 @@ def test_the_scheduler_serves_http_on_8000_and_grpc_behind_a_service_and_a_headl
     assert (args.command, args.host, args.port, args.http_port) == ("scheduler", "0.0.0.0", 50051, 8000)
     assert args.scheduler_id == "$(POD_NAME)"  # Kubernetes expands it from the env entry below
     pod_name = {"fieldRef": {"fieldPath": "metadata.name"}}
-    assert scheduler["env"] == [{"name": "POD_NAME", "valueFrom": pod_name}]
+    assert scheduler["env"][0] == {"name": "POD_NAME", "valueFrom": pod_name}
     assert (port_named(scheduler, "http"), port_named(scheduler, "grpc")) == (8000, 50051)
     front = DOCUMENTS[("Service", "pagewire-scheduler")]
     assert selects(front, deployment)
@@ -126,3 +128,25 @@ def test_executors_and_schedulers_share_the_models_volume() -> None:
         assert models["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
         mount = next(m for m in container(kind, name)["volumeMounts"] if m["name"] == "models")
         assert mount["mountPath"] == "/models"
+
+
+def test_both_workloads_take_the_executor_token_from_one_secret_that_is_not_committed() -> None:
+    """The executor hop is authenticated in the cluster too: the same Secret key on both sides, required
+    (no `optional`), and no Secret with a value in the manifests that every install would share."""
+    token_source = {"secretKeyRef": {"name": "pagewire-executor-token", "key": "token"}}
+    for kind, name in (("StatefulSet", "pagewire-executor"), ("Deployment", "pagewire-scheduler")):
+        entries = [e for e in container(kind, name)["env"] if e["name"] == EXECUTOR_TOKEN_ENV]
+        assert entries == [{"name": EXECUTOR_TOKEN_ENV, "valueFrom": token_source}], (kind, name)
+        args = build_parser().parse_args(container(kind, name)["args"])
+        assert args.executor_token is None, "a token on argv would show in every process listing"
+    assert not [key for key in DOCUMENTS if key[0] == "Secret"]
+    kustomization = (MANIFEST_DIR / "kustomization.yaml").read_text()
+    assert "kubectl create secret generic pagewire-executor-token --from-literal=token=" in kustomization
+
+
+def test_the_images_are_the_two_dockerfile_targets_compose_builds() -> None:
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    assert container("StatefulSet", "pagewire-executor")["image"] == compose["executor"]["image"]
+    assert container("Deployment", "pagewire-scheduler")["image"] == compose["scheduler"]["image"]
+    assert (compose["executor"]["build"]["target"], compose["scheduler"]["build"]["target"]) == (
+        "executor", "scheduler")
