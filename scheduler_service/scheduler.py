@@ -217,8 +217,8 @@ class Scheduler:
             [(self._sequences[sid], num, kv.block_ids(sid)) for sid, num in scheduled.items()],
             finished_ids,
             preempted_ids,
-            swap_out=_block_pairs(swap_out),
-            swap_in=_block_pairs(swap_in),
+            swap_out=BlockPairs.of(swap_out),
+            swap_in=BlockPairs.of(swap_in),
             adapter_loads=self.lora_slots.take_loads(),
         )
         samples: dict[SequenceId, bool] = {}
@@ -495,6 +495,3 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         check_scheduler_invariants(self)
-
-def _block_pairs(pairs: list[BlockPair]) -> BlockPairs:
-    return BlockPairs(tuple(src for src, _ in pairs), tuple(dst for _, dst in pairs))

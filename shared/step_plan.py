@@ -55,6 +55,10 @@ class BlockPairs:
     def pairs(self) -> list[tuple[int, int]]:
         return list(zip(self.src_block_ids, self.dst_block_ids))
 
+    @classmethod
+    def of(cls, pairs: list[tuple[int, int]]) -> BlockPairs:
+        return cls(tuple(src for src, _ in pairs), tuple(dst for _, dst in pairs))
+
 
 @dataclass(frozen=True, slots=True)
 class AdapterLoad:
