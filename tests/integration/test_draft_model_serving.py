@@ -16,11 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from executor_service.tiny_model import create_tiny_model
 from shared.pb.pagewire.v1 import generate_pb2 as pb
 from shared.pb.pagewire.v1 import generate_pb2_grpc as pb_grpc
+from tests.helpers.hf_reference import hf_greedy_all
 from tests.helpers.processes import running_executor, running_server
 
 NUM_NEW_TOKENS = 32
@@ -56,13 +56,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def reference(models: dict[str, Path]) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(models["target"], dtype=torch.float32)
-    model.generation_config.eos_token_id = None
-    return [
-        model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                       max_new_tokens=NUM_NEW_TOKENS, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
-        for p in PROMPTS
-    ]
+    return hf_greedy_all(models["target"], PROMPTS, NUM_NEW_TOKENS)
 
 
 def _config(draft_dir: Path) -> str:

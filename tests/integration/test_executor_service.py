@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from executor_service.tiny_model import create_tiny_model
 from shared.step_plan import (
@@ -20,6 +20,7 @@ from shared.step_plan import (
     StepPlan,
     StepResult,
 )
+from tests.helpers.hf_reference import hf_greedy_all
 from tests.helpers.processes import running_executor
 from tests.helpers.step_stream import StepStream
 
@@ -50,14 +51,7 @@ def executor_address(model_dir: Path) -> str:
 
 
 def hf_greedy(model_dir: Path, prompt: list[int], num_new_tokens: int) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.generation_config.eos_token_id = None
-    # An explicit mask: without it, generate treats prompt tokens equal to pad_token_id as padding.
-    out = model.generate(
-        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=num_new_tokens, do_sample=False, pad_token_id=0,
-    )
-    return out[0, len(prompt):].tolist()
+    return hf_greedy_all(model_dir, [prompt], num_new_tokens)[0]
 
 
 def make_prompts(vocab_size: int) -> list[list[int]]:

@@ -8,11 +8,11 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from executor_service.tiny_model import create_tiny_model
 from shared.pb.pagewire.v1 import generate_pb2 as pb
 from shared.pb.pagewire.v1 import generate_pb2_grpc as pb_grpc
+from tests.helpers.hf_reference import hf_greedy_all
 from tests.helpers.processes import running_server
 
 NUM_REQUESTS = 16
@@ -33,13 +33,7 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.generation_config.eos_token_id = None
-    return [
-        model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                       max_new_tokens=NUM_NEW_TOKENS, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
-        for p in prompts
-    ]
+    return hf_greedy_all(model_dir, prompts, NUM_NEW_TOKENS)
 
 
 def greedy_request(prompt: list[int], max_tokens: int = NUM_NEW_TOKENS) -> pb.GenerateRequest:

@@ -15,11 +15,11 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from executor_service.tiny_model import create_tiny_model
 from shared.pb.pagewire.v1 import generate_pb2 as pb
 from shared.pb.pagewire.v1 import generate_pb2_grpc as pb_grpc
+from tests.helpers.hf_reference import hf_greedy, load_hf_model
 from tests.helpers.processes import cpu_executor_args, free_port, running
 
 GENERATION_SERVICE = "pagewire.v1.Generation"
@@ -52,15 +52,7 @@ def prefix_prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def hf_model(model_dir: Path):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.generation_config.eos_token_id = None
-    return model
-
-
-def hf_greedy(model, prompt: list[int], num_new_tokens: int) -> list[int]:
-    output = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                            max_new_tokens=num_new_tokens, do_sample=False, pad_token_id=0)
-    return output[0, len(prompt):].tolist()
+    return load_hf_model(model_dir)
 
 
 @pytest.fixture(scope="module")
