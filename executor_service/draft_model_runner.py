@@ -48,7 +48,11 @@ class DraftModelRunner:
     logits; without it a run accepted whole would leave a gap that a swap, a preemption or a prefix
     hit would carry on). After the target's verification `settle` rolls the draft's computed tokens
     back with the target's, so the draft pool holds exactly the target's computed tokens, under the same
-    block ids, after every step; swaps and copies move both pools.
+    block ids, after every step whose drafts were the model's; draft tokens the scheduler sent itself
+    (n-gram) reach the draft pool only at the sequence's next step. Swaps and copies move both pools.
+    The mirroring runs every step, drafting or not: while the adaptive policy drafts nothing (a loaded
+    executor) the draft's forward over the step's tokens is still paid, the price of a draft pool that is
+    complete whenever drafting resumes.
 
     Greedy drafts are a point mass q, so the target's verification (keep a draft while the target's own
     sample equals it) stays exact rejection sampling: the output is the target's whatever the draft

@@ -10,7 +10,7 @@ lease once its stream ends.
 
 from __future__ import annotations
 
-from shared.errors import FailedPrecondition
+from shared.errors import Aborted, FailedPrecondition
 
 ANONYMOUS_ID = ""
 # A scheduler refused this long ago or less still counts as waiting for this executor: schedulers retry
@@ -96,5 +96,5 @@ class ExecutorLease:
                 f"only the owner may release this executor's lease; it is {self.owner_id!r}, not {scheduler_id!r}"
             )
         if self.is_stream_open:
-            raise FailedPrecondition("the lease is released after the Step stream ends; close it first")
+            raise Aborted("the lease is released after the Step stream ends; close it first, then retry")
         self.owner_id = None

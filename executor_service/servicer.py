@@ -12,7 +12,7 @@ import structlog
 
 from executor_service.executor_info import LoadedExecutor
 from executor_service.executor_lease import ANONYMOUS_ID, ExecutorLease
-from shared.errors import FailedPrecondition
+from shared.errors import Aborted, FailedPrecondition
 from shared.pb.pagewire.v1 import executor_pb2 as pb
 from shared.pb.pagewire.v1 import executor_pb2_grpc as pb_grpc
 from shared.plan_codec import plan_from_pb, result_to_pb
@@ -184,7 +184,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         scheduler_id = scheduler_id_of(context)
         try:
             self.lease.release(scheduler_id)
-        except FailedPrecondition as error:
+        except (Aborted, FailedPrecondition) as error:
             await context.abort(error.code, str(error))
         log.info("lease_released", scheduler_id=scheduler_id)
         return self._lease_info()

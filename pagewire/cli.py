@@ -136,7 +136,12 @@ def _add_create_draft_model_parser(subparsers: argparse._SubParsersAction) -> No
                    "write the first N layers of a checkpoint (embeddings, final norm and LM head kept) as a "
                    "draft model for speculative decoding")
     add_create_draft_model_arguments(p)
-    p.set_defaults(handler=run_create_draft_model)
+
+    def run(args: argparse.Namespace) -> int:
+        _require_torch("create-draft-model")
+        return run_create_draft_model(args)
+
+    p.set_defaults(handler=run)
 
 
 def _add_scheduler_parser(subparsers: argparse._SubParsersAction) -> None:

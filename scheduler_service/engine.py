@@ -17,7 +17,7 @@ from scheduler_service.engine_observer import EngineObserver
 from scheduler_service.executor_description import ExecutorDescription
 from scheduler_service.executor_discovery import ExecutorDiscovery, Resolver, resolve_host
 from scheduler_service.executor_replica import ExecutorReplica
-from scheduler_service.fair_share import num_to_give_up
+from scheduler_service.fair_share import fair_share, num_to_give_up
 from scheduler_service.lora.adapter_catalog import AdapterCatalog
 from scheduler_service.lora.adapter_registry import Adapter
 from scheduler_service.placement import PlacementCandidate, choose_replica, choose_round_robin
@@ -408,13 +408,22 @@ class Engine:
     def on_leaving(self, replica: ExecutorReplica) -> None:
         self._update_ready()
 
+    def _owned_and_others(self) -> tuple[list[ExecutorReplica], set[str]]:
+        """The executors this scheduler holds, and the other schedulers that asked them for a lease lately."""
+        owned = [r for r in self.replicas.values() if r.is_ready]
+        return owned, {scheduler_id for r in owned for scheduler_id in r.waiting_schedulers}
+
+    def may_take(self, replica: ExecutorReplica) -> bool:
+        owned, others = self._owned_and_others()
+        return not others or len(owned) < fair_share(len(self.replicas), len(others))
+
     def on_waiting_schedulers(self, replica: ExecutorReplica) -> None:
         """Gives one executor up when other schedulers wait and this one holds more than its fair share
-        (fair_share.py); one at a time, the least loaded, never the last."""
-        owned = [r for r in self.replicas.values() if r.is_ready]
+        (fair_share.py); one at a time (the next once that one is released, at a later lease poll), the
+        least loaded, never the last."""
+        owned, others = self._owned_and_others()
         if any(r.is_yielding for r in owned):
             return
-        others = {scheduler_id for r in owned for scheduler_id in r.waiting_schedulers}
         if num_to_give_up(len(owned), len(self.replicas), len(others)) == 0:
             return
         candidates = [r for r in owned if r.accepts_work]

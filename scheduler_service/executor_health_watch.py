@@ -63,7 +63,7 @@ class ExecutorHealthWatch:
                     await stub.ReleaseLease(pb.ReleaseLeaseRequest(), timeout=POLL_SECONDS, metadata=self.metadata)
                     return True
                 except grpc.aio.AioRpcError as error:
-                    if error.code() is not grpc.StatusCode.FAILED_PRECONDITION:
+                    if error.code() is not grpc.StatusCode.ABORTED:  # only "the stream is still open" passes
                         return False
                 await asyncio.sleep(RELEASE_RETRY_SECONDS)
         return False

@@ -69,7 +69,12 @@ class ReplicaOwner(Protocol):
         """The executor is shutting down (or was given up): it takes no new work."""
 
     def on_waiting_schedulers(self, replica: ExecutorReplica) -> None:
-        """Which other schedulers ask for this executor changed (`replica.waiting_schedulers`)."""
+        """Other schedulers ask for this executor (`replica.waiting_schedulers`): called on every lease
+        poll while some do, and when the last stops, so the owner can re-check its share each time."""
+
+    def may_take(self, replica: ExecutorReplica) -> bool:
+        """Whether this scheduler may take one more executor now (not while it holds its fair share and
+        other schedulers wait for one)."""
 
 
 class ExecutorReplica:
@@ -192,8 +197,9 @@ class ExecutorReplica:
 
     def _on_lease(self, waiting: tuple[str, ...]) -> None:
         waiting = tuple(i for i in waiting if i != self.config.scheduler_id) if self.is_ready else ()
-        if waiting != self.waiting_schedulers:
-            self.waiting_schedulers = waiting
+        changed = waiting != self.waiting_schedulers
+        self.waiting_schedulers = waiting
+        if waiting or changed:
             self.owner.on_waiting_schedulers(self)
 
     def _on_health(self, serving: bool, asked_at: float | None = None) -> None:
@@ -319,6 +325,9 @@ class ExecutorReplica:
     async def _connect(self) -> None:
         if (pause := self._retry_at - time.monotonic()) > 0:
             await asyncio.sleep(pause)
+        if not self.owner.may_take(self):
+            await asyncio.sleep(RECONNECT_INTERVAL_SECONDS)
+            return
         self._connect_attempts += 1
         try:
             description = await self.client.connect()

@@ -34,6 +34,12 @@ class FailedPrecondition(PagewireError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Aborted(PagewireError):
+    """A conflict with a concurrent change (e.g. a stream not yet seen closed): retrying may succeed."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class Unavailable(PagewireError):
     code = grpc.StatusCode.UNAVAILABLE
 

@@ -44,12 +44,6 @@ def server_credentials(cert: str, key: str, client_ca: str | None, prefix: str =
     )
 
 
-def check_client_files(ca: str | None, cert: str | None, key: str | None, prefix: str = "--tls") -> None:
-    """Raises ValueError naming the flag when the combination or a file is wrong (`ca` None: the system's
-    roots)."""
-    channel_credentials(ca, cert, key, prefix)
-
-
 def channel_credentials(ca: str | None, cert: str | None = None, key: str | None = None,
                         prefix: str = "--tls") -> grpc.ChannelCredentials:
     """Trusts `ca` (None: the system's roots); `cert` and `key` identify the client for mutual TLS."""

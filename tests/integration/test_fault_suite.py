@@ -91,18 +91,20 @@ def assert_idle(stub: pb_grpc.GenerationStub, timeout: float = 10.0) -> pb.Serve
 def test_cancellation_storm_leaves_exact_tokens_for_the_rest_and_no_block(
     stub: pb_grpc.GenerationStub, prompts: list[list[int]], reference: list[list[int]]
 ) -> None:
-    """200 concurrent requests: 100 are cancelled by the client after a random number of tokens (0 to
+    """200 concurrent requests: 100 are cancelled by the client after a random number of tokens (1 to
     all but the last), 30 more carry deadlines far too short to finish; the other 70 stream exactly
     transformers' tokens. Afterwards nothing runs, nothing waits, every block is free. About 15 s here."""
     rng = random.Random(2026)
     plans = ["cancel"] * 100 + ["deadline"] * 30 + ["complete"] * 70
     rng.shuffle(plans)
+    # Drawn here, not in the threads, so the storm is the same every run.
+    timeouts = [rng.uniform(0.01, 0.3) if plan == "deadline" else 120.0 for plan in plans]
+    cancel_points = [rng.randrange(1, NUM_NEW_TOKENS) if plan == "cancel" else None for plan in plans]
 
     def one(index: int, plan: str) -> tuple[str, int, list[int], grpc.StatusCode | None]:
         which = index % NUM_PROMPTS
-        timeout = rng.uniform(0.01, 0.3) if plan == "deadline" else 120
-        call = stub.Generate(greedy(prompts[which]), timeout=timeout)
-        cancel_after = rng.randrange(NUM_NEW_TOKENS) if plan == "cancel" else None
+        call = stub.Generate(greedy(prompts[which]), timeout=timeouts[index])
+        cancel_after = cancel_points[index]
         received: list[int] = []
         try:
             for response in call:

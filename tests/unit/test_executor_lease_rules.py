@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from executor_service.executor_lease import ANONYMOUS_ID, WAITING_SECONDS, ExecutorLease
-from shared.errors import FailedPrecondition
+from shared.errors import Aborted, FailedPrecondition
 
 LEASE_SECONDS = 10.0
 
@@ -79,7 +79,7 @@ def test_refused_schedulers_are_listed_as_waiting_until_they_stop_asking():
 def test_the_owner_releases_after_its_stream_ends_and_anyone_may_take_it_at_once():
     lease = ExecutorLease(LEASE_SECONDS)
     epoch = lease.open_stream("a", 0.0)
-    with pytest.raises(FailedPrecondition, match="after the Step stream ends"):
+    with pytest.raises(Aborted, match="after the Step stream ends"):
         lease.release("a")
     with pytest.raises(FailedPrecondition, match="only the owner"):
         lease.release("b")

@@ -38,7 +38,8 @@ def test_scheduler_help_runs_without_torch() -> None:
 
 
 def test_the_executor_without_torch_says_what_to_install() -> None:
-    for command in (["executor", "--model", "/nonexistent"], ["create-tiny-model", "/tmp/never-written"]):
+    for command in (["executor", "--model", "/nonexistent"], ["create-tiny-model", "/tmp/never-written"],
+                    ["create-draft-model", "tiny", "/tmp/never-written", "--num-layers", "1"]):
         done = run_without_torch(f"from pagewire.cli import main\nsys.exit(main({command!r}))\n")
         assert done.returncode == 2, (command, done.stderr)
         assert done.stderr.strip() == (
