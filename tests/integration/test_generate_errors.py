@@ -233,15 +233,18 @@ def test_unknown_adapter_is_not_found(stub: pb_grpc.GenerationStub, good_tokens:
 def test_full_queue_is_resource_exhausted(queue_stub: pb_grpc.GenerationStub) -> None:
     good_tokens = generate(queue_stub, greedy()).token_ids
     running = queue_stub.Generate(long_request(), timeout=RPC_TIMEOUT_SECONDS)
-    waiting = queue_stub.Generate(long_request(), timeout=RPC_TIMEOUT_SECONDS)
+    waiting = None
     try:
+        # Running first: sent back to back, the second could find the first still queued (and be refused).
         assert next(running).token_ids
+        waiting = queue_stub.Generate(long_request(), timeout=RPC_TIMEOUT_SECONDS)
         wait_info(queue_stub, lambda info: (info.num_running, info.num_waiting) == (1, 1))
         error = generate_error(queue_stub, greedy())
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "--max-queued-requests 1" in error.details()
     finally:
-        waiting.cancel()
+        if waiting is not None:
+            waiting.cancel()
         running.cancel()
     wait_idle(queue_stub)
     assert_serves(queue_stub, good_tokens)
