@@ -65,6 +65,17 @@ class ExecutorClient:
         self._call = stub.Step(metadata=self._metadata)
         return ExecutorDescription.from_pb(description)
 
+    async def ask(self, timeout: float = 5.0) -> None:
+        """One Describe, nothing opened: an executor another scheduler owns counts this scheduler as
+        waiting for it (GetLease), so its owner sees how many schedulers share the set. Errors are the
+        expected answer and are ignored."""
+        async with self._channel_settings.open(self.address) as channel:
+            try:
+                await pb_grpc.ExecutorStub(channel).Describe(pb.DescribeRequest(), timeout=timeout,
+                                                             metadata=self._metadata)
+            except grpc.aio.AioRpcError:
+                pass
+
     @property
     def is_connected(self) -> bool:
         return self._call is not None

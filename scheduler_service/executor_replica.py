@@ -326,6 +326,9 @@ class ExecutorReplica:
         if (pause := self._retry_at - time.monotonic()) > 0:
             await asyncio.sleep(pause)
         if not self.owner.may_take(self):
+            # At its share: takes nothing more, but keeps asking, so that the owners of the executors it
+            # does not hold still count it among the schedulers dividing the set.
+            await self.client.ask()
             await asyncio.sleep(RECONNECT_INTERVAL_SECONDS)
             return
         self._connect_attempts += 1

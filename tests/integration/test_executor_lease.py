@@ -171,3 +171,26 @@ def test_two_schedulers_divide_three_executors_and_the_survivor_of_a_kill_9_take
         first_process.wait()
         wait_owned(second, 3, timeout=LEASE_SECONDS + SLACK_SECONDS)
         assert generate(second) == tokens
+
+
+def test_three_schedulers_on_three_executors_end_with_one_each(tmp_path):
+    """The first holds all three; the two that start later each get one. A scheduler at its share takes
+    no free executor but keeps asking, so every owner keeps counting it among the schedulers."""
+    with contextlib.ExitStack() as stack:
+        executors = [stack.enter_context(simulated_executor(tmp_path, LEASE_SECONDS)) for _ in range(3)]
+        first, _ = stack.enter_context(scheduler(executors, "first", tmp_path / "first.log"))
+        wait_owned(first, 3, timeout=30)
+        others = [stack.enter_context(scheduler(executors, name, tmp_path / f"{name}.log"))[0]
+                  for name in ("second", "third")]
+        schedulers = (first, *others)
+        deadline = time.monotonic() + SLACK_SECONDS + 20
+        while True:  # executors may change hands a few times on the way (see fair_share.py)
+            held = [owned(address) for address in schedulers]
+            if [len(h) for h in held] == [1, 1, 1] and set().union(*held) == set(executors):
+                time.sleep(2.0)
+                if [owned(address) for address in schedulers] == held:
+                    break
+            assert time.monotonic() < deadline, f"not one each after {SLACK_SECONDS + 20} s: {held}"
+            time.sleep(0.2)
+        tokens = generate(first)
+        assert all(generate(address) == tokens for address in others)
