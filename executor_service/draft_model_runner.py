@@ -39,31 +39,39 @@ def open_draft_checkpoint(model_dir: str, target: ModelConfig) -> Checkpoint:
 
 
 class DraftModelRunner:
-    """Runs the draft model inside the target's step.
+    """Runs the draft model inside the target's step, only for the sequences that ask for model drafts.
 
-    Contract, per step (`propose`, before the target's forward): the draft computes every known token
-    the target computes this step (and any position its own pool still lacks), so its K/V mirrors the
-    target's; then, for each sequence that asked for k model drafts, it takes k greedy (argmax) tokens
-    in batched steps and writes the K/V of all k into its pool (the k-th costs one more step without
-    logits; without it a run accepted whole would leave a gap that a swap, a preemption or a prefix
-    hit would carry on). After the target's verification `settle` rolls the draft's computed tokens
-    back with the target's, so the draft pool holds exactly the target's computed tokens, under the same
-    block ids, after every step whose drafts were the model's; draft tokens the scheduler sent itself
-    (n-gram) reach the draft pool only at the sequence's next step. Swaps and copies move both pools.
-    The mirroring runs every step, drafting or not: while the adaptive policy drafts nothing (a loaded
-    executor) the draft's forward over the step's tokens is still paid, the price of a draft pool that is
-    complete whenever drafting resumes.
+    Contract, per step (`propose`, before the target's forward): a sequence that asks for k model
+    drafts first has its draft pool caught up, from `num_draft_computed_tokens` to the end of its known
+    tokens (one batched draft forward, several of at most `max_num_tokens` tokens when the catch-up is
+    long, as a chunked prefill is); then the draft takes k greedy (argmax) tokens in batched steps and
+    writes the K/V of all k into its pool (the k-th costs one more step without logits, so a run
+    accepted whole leaves the draft pool complete). After the target's verification `settle` rolls the
+    draft's count back to the target's accepted count. A sequence that drafts nothing this step costs
+    the draft nothing: its count stays where it was, and a step where no sequence drafts runs no draft
+    forward at all. So `token_ids[:num_draft_computed_tokens]` always have the draft's K/V in its pool
+    under the sequence's block ids, never more than `num_computed_tokens` between steps.
+
+    The count only covers what this runner computed for the sequence since the executor last received
+    it (`PersistentBatch.apply` starts it at 0): a prefix-cache hit or a swap-in brings target K/V
+    whose draft K/V may never have been written, or was written into a block freed and reused since.
+    The catch-up recomputes those positions; in a block shared through the prefix cache it writes what
+    is there already (same tokens, same positions), so sharing stays consistent. Swaps and copies still
+    move both pools (the ModelRunner's block ops), though after a swap-in the draft recomputes.
 
     Greedy drafts are a point mass q, so the target's verification (keep a draft while the target's own
     sample equals it) stays exact rejection sampling: the output is the target's whatever the draft
     proposes or its pool holds; stale draft K/V would only lower acceptance.
     """
 
-    def __init__(self, model: LlamaForCausalLM, kv_pool: KVPool, path: str, max_model_drafts: int) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, kv_pool: KVPool, path: str, max_model_drafts: int, max_num_tokens: int
+    ) -> None:
         self.model = model
         self.kv_pool = kv_pool
         self.path = path
         self.max_model_drafts = max_model_drafts
+        self.max_num_tokens = max_num_tokens
 
     @property
     def config(self) -> ModelConfig:
@@ -75,23 +83,12 @@ class DraftModelRunner:
 
     def propose(self, scheduled: list[ScheduledSequence], device: torch.device) -> list[ScheduledSequence]:
         """`scheduled` with each sequence's model drafts filled into `draft_token_ids` (see the class)."""
-        block_size = self.kv_pool.geometry.block_size
-        mirror: list[ScheduledSequence] = []
-        for s in scheduled:
-            start = s.state.num_draft_computed_tokens
-            assert start <= s.start, f"sequence {s.state.sequence_id}: the draft is ahead of the target"
-            mirror.append(ScheduledSequence(s.state, start, s.start + s.num_known_tokens - start))
-        model_input = build_model_input(mirror, block_size, device)
-        hidden = self.model(model_input.input_ids, model_input.positions, self.kv_pool.device_caches,
-                            model_input.metadata)
-        for m in mirror:
-            m.state.num_draft_computed_tokens = m.end
         drafting = [i for i, s in enumerate(scheduled) if s.num_model_drafts]
         if not drafting:
             return scheduled
-        last_rows = np.cumsum(model_input.metadata.query_lens_cpu) - 1
-        rows = torch.as_tensor(last_rows[drafting], dtype=torch.int64, device=device)
-        drafts: dict[int, list[int]] = {i: [t] for i, t in zip(drafting, self._argmax(hidden[rows]), strict=True)}
+        block_size = self.kv_pool.geometry.block_size
+        last_hidden = self._catch_up([scheduled[i] for i in drafting], device)
+        drafts: dict[int, list[int]] = {i: [t] for i, t in zip(drafting, self._argmax(last_hidden), strict=True)}
         for j in range(1, max(scheduled[i].num_model_drafts for i in drafting) + 1):
             # Draft j (1-based) sits at position (known tokens) - 1 + j; its K/V goes into the draft pool.
             # The last draft's K/V is written too (no logits), so a run accepted whole leaves no gap.
@@ -112,6 +109,40 @@ class DraftModelRunner:
             dataclasses.replace(s, draft_token_ids=tuple(drafts[i])) if i in drafts else s
             for i, s in enumerate(scheduled)
         ]
+
+    def _catch_up(self, drafting: list[ScheduledSequence], device: torch.device) -> torch.Tensor:
+        """Computes the known tokens each of `drafting` lacks in the draft pool, packed into forwards of at
+        most `max_num_tokens` tokens; the hidden state at each one's last known token, in `drafting` order.
+        Each lacks at least that last token: the draft count is at most the target's, which stops
+        before the sampled token a drafting step computes."""
+        block_size = self.kv_pool.geometry.block_size
+        ends = [s.start + s.num_known_tokens for s in drafting]
+        for s, end in zip(drafting, ends, strict=True):
+            assert s.state.num_draft_computed_tokens <= s.start < end, (
+                f"sequence {s.state.sequence_id}: the draft is ahead of the target, or nothing is known to draft from"
+            )
+        last_hidden: list[torch.Tensor | None] = [None] * len(drafting)
+        pending = list(range(len(drafting)))
+        while pending:
+            chunk: list[tuple[int, ScheduledSequence]] = []
+            budget = self.max_num_tokens
+            for i in pending:
+                if budget == 0:
+                    break
+                start = drafting[i].state.num_draft_computed_tokens
+                num_tokens = min(ends[i] - start, budget)
+                chunk.append((i, ScheduledSequence(drafting[i].state, start, num_tokens)))
+                budget -= num_tokens
+            model_input = build_model_input([m for _, m in chunk], block_size, device)
+            hidden = self.model(model_input.input_ids, model_input.positions, self.kv_pool.device_caches,
+                                model_input.metadata)
+            last_rows = np.cumsum(model_input.metadata.query_lens_cpu) - 1
+            for row, (i, m) in zip(last_rows.tolist(), chunk, strict=True):
+                m.state.num_draft_computed_tokens = m.end
+                if m.end == ends[i]:
+                    last_hidden[i] = hidden[row]
+            pending = [i for i in pending if last_hidden[i] is None]
+        return torch.stack([h for h in last_hidden if h is not None])
 
     @staticmethod
     def settle(scheduled: list[ScheduledSequence]) -> None:

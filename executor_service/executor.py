@@ -119,7 +119,7 @@ class Executor:
         if draft_model is not None and draft_geometry is not None and speculative is not None:
             draft = DraftModelRunner(
                 draft_model, KVPool(draft_geometry, num_device_blocks, num_host_blocks, device, ops),
-                str(draft_checkpoint.path), speculative.num_speculative_tokens,
+                str(draft_checkpoint.path), speculative.num_speculative_tokens, config.max_num_batched_tokens,
             )
         max_model_len = model_config.max_model_len
         limits = BatchLimits(

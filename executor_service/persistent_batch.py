@@ -16,7 +16,8 @@ class SequenceState:
     The executor appends each token it samples, so `num_computed_tokens` stays one behind the end
     after a sampling step and the next decode computes exactly that token. With a draft model,
     `token_ids[:num_draft_computed_tokens]` have the draft's K/V in its own pool under the same
-    `block_ids`; never more than `num_computed_tokens`.
+    `block_ids`; never more than `num_computed_tokens` between steps, and behind it while the
+    sequence drafts nothing (the draft catches up when it does).
     """
 
     sequence_id: SequenceId
@@ -285,8 +286,9 @@ class PersistentBatch:
                 block_ids=list(new.block_ids),
                 sampling=new.sampling,
                 lora_slot=new.lora_slot,
-                # The draft pool mirrors the target's (prefix-cache hits and swap-ins included).
-                num_draft_computed_tokens=new.num_computed_tokens,
+                # Only what the draft model computes for it from now on: a prefix hit's or a swap-in's
+                # blocks may hold no draft K/V (DraftModelRunner catches up when the sequence drafts).
+                num_draft_computed_tokens=0,
             )
             self.sequences[new.sequence_id] = state
             scheduled.append(ScheduledSequence(state, new.num_computed_tokens, new.num_scheduled_tokens))

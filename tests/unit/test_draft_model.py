@@ -2,7 +2,8 @@
 that transformers loads and that computes what the original's first layers compute; the executor's
 draft model proposes k drafts per step from its own KV pool under the target's block ids, and the
 tokens stay the target's greedy ones whatever the draft proposes (a 1-layer draft, the target itself),
-through chunked prefill, a prefix hit and swap out / in (both pools move)."""
+through chunked prefill, a prefix hit and swap out / in (both pools move). The draft computes only for
+sequences that draft: one that starts late catches up and proposes what the draft model does."""
 
 from __future__ import annotations
 
@@ -98,12 +99,13 @@ def reference(models: dict[str, Path]) -> dict[int, list[int]]:
     return tokens
 
 
-def _executor(target: Path, draft: Path | None) -> Executor:
+def _executor(target: Path, draft: Path | None, max_num_batched_tokens: int = 8192) -> Executor:
     spec = None if draft is None else json.dumps(
         {"method": "draft_model", "model": str(draft), "num_speculative_tokens": NUM_DRAFTS}
     )
     return Executor.load(ExecutorConfig(model_dir=str(target), block_size=BLOCK_SIZE, num_device_blocks_override=40,
-                                        swap_space_gib=0.001, seed=0, speculative_config=spec))
+                                        swap_space_gib=0.001, seed=0, speculative_config=spec,
+                                        max_num_batched_tokens=max_num_batched_tokens))
 
 
 @pytest.fixture(scope="module", params=["self", "one_layer"])
@@ -117,36 +119,50 @@ def _blocks(sequence_id: int) -> tuple[int, ...]:
 
 
 class Driver:
-    """Sends plans to one runner and keeps what each sequence produced and how its drafts fared."""
+    """Sends plans to one runner and keeps what each sequence produced, what the draft proposed from
+    which context, and how its drafts fared."""
 
     def __init__(self, runner: ModelRunner) -> None:
         runner.reset()
         self.runner = runner
         self.step_id = 0
         self.produced: dict[int, list[int]] = {}
+        self.proposals: list[tuple[int, list[int], list[int]]] = []  # (sequence id, context, drafts)
         self.num_drafted = 0
         self.num_accepted = 0
 
     def execute(self, **plan: object) -> None:
         self.step_id += 1
+        sequences = self.runner.batch.sequences
+        draft_counts = {sid: state.num_draft_computed_tokens for sid, state in sequences.items()}
         result = self.runner.execute(StepPlan(step_id=self.step_id, **plan))
         assert result.error is None, result.error
         for output in result.outputs:
             tokens = list(output.token_ids)
             if output.draft_token_ids:
+                context = [*PROMPTS[output.sequence_id], *self.produced[output.sequence_id]]
+                self.proposals.append((output.sequence_id, context, list(output.draft_token_ids)))
                 num_accepted = len(tokens) - 1
                 assert list(output.draft_token_ids[:num_accepted]) == tokens[:num_accepted]
                 self.num_drafted += len(output.draft_token_ids)
                 self.num_accepted += num_accepted
             self.produced.setdefault(output.sequence_id, []).extend(tokens)
-        for state in self.runner.batch.sequences.values():  # the draft pool mirrors the target's exactly
-            assert state.num_draft_computed_tokens == state.num_computed_tokens
+        continued = plan.get("continued_sequences", ())
+        drafting = {c.sequence_id for c in continued if c.num_model_drafts}  # type: ignore[union-attr]
+        for sid, state in sequences.items():
+            # A drafting sequence's draft pool holds exactly the target's tokens; any other's is untouched
+            # (0 for a sequence the executor just received, prefix hit or swap-in alike).
+            expected = state.num_computed_tokens if sid in drafting else draft_counts.get(sid, 0)
+            assert state.num_draft_computed_tokens == expected, (sid, state.num_draft_computed_tokens, expected)
 
-    def decode(self, sequence_ids: list[int]) -> None:
-        """One step: each sequence decodes with as many model drafts as its end leaves (up to k)."""
+    def decode(self, sequence_ids: list[int], drafting: set[int] | None = None) -> None:
+        """One step: each sequence in `drafting` (None: all) decodes with as many model drafts as its end
+        leaves (up to k), the others with none."""
         continued = []
         for sid in sequence_ids:
             k = min(NUM_DRAFTS, MAX_NEW_TOKENS - len(self.produced[sid]) - 1)
+            if drafting is not None and sid not in drafting:
+                k = 0
             continued.append(ContinuedSequence(SequenceId(sid), 1 + k, (), (), k))
         self.execute(continued_sequences=tuple(continued))
 
@@ -204,6 +220,46 @@ def test_swap_moves_both_pools(drafted: tuple[str, ModelRunner], reference: dict
     assert driver.produced[1] == reference[1]
     if name == "self":
         assert driver.num_accepted == driver.num_drafted > 0
+
+
+@pytest.mark.parametrize("name", ["self", "one_layer"])
+def test_a_sequence_that_drafts_nothing_costs_the_draft_nothing_and_catches_up_when_it_drafts(
+    name: str, models: dict[str, Path], reference: dict[int, list[int]]
+) -> None:
+    """A policy that drafts for sequence 1 only: the draft computes nothing for sequence 3 (its count
+    stays 0). When 3 starts drafting, its catch-up (27 tokens, more than one draft forward's 16: two
+    forwards) makes its drafts the draft model's own greedy continuation of the whole context, as
+    transformers computes it; the self-draft's are the target's tokens, all accepted."""
+    driver = Driver(_executor(models["target"], models[name], max_num_batched_tokens=16).runner)
+    p1, p3 = PROMPTS[1], PROMPTS[3]
+    driver.execute(new_sequences=(NewSequence(SequenceId(1), tuple(p1), len(p1), 0, _blocks(1), len(p1)),))
+    driver.execute(
+        new_sequences=(NewSequence(SequenceId(3), tuple(p3), len(p3), 0, _blocks(3), 12),),
+        continued_sequences=(ContinuedSequence(SequenceId(1), 1 + NUM_DRAFTS, (), (), NUM_DRAFTS),),
+    )
+    driver.execute(continued_sequences=(ContinuedSequence(SequenceId(3), len(p3) - 12),
+                                        ContinuedSequence(SequenceId(1), 1 + NUM_DRAFTS, (), (), NUM_DRAFTS)))
+    while len(driver.produced[3]) < 8:
+        driver.decode(driver.live(), drafting={1})
+    sequences = driver.runner.batch.sequences
+    assert sequences[SequenceId(3)].num_draft_computed_tokens == 0
+    assert sequences[SequenceId(3)].num_computed_tokens == len(p3) + 8 - 1
+    assert {sid for sid, _, _ in driver.proposals} == {1}
+    while driver.live():
+        driver.decode(driver.live())
+    assert driver.produced == {1: reference[1], 3: reference[3]}
+    late = [(context, drafts) for sid, context, drafts in driver.proposals if sid == 3]
+    assert late and len(late[0][0]) == len(p3) + 8
+    draft_model = AutoModelForCausalLM.from_pretrained(models[name], dtype=torch.float32).eval()
+    draft_model.generation_config.eos_token_id = None
+    for _, context, drafts in driver.proposals:
+        ids = torch.tensor([context])
+        expected = draft_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(drafts),
+                                        do_sample=False, pad_token_id=0)[0, len(context):].tolist()
+        assert drafts == expected
+    if name == "self":
+        assert all(drafts == reference[3][len(context) - len(p3):][: len(drafts)] for context, drafts in late)
+        assert driver.num_accepted == driver.num_drafted
 
 
 def test_a_draft_with_another_vocabulary_is_refused_at_load(models: dict[str, Path], tmp_path: Path) -> None:
