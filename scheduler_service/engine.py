@@ -67,6 +67,8 @@ class Engine:
         self.observer = observer or EngineObserver()
         self.on_ready_change = on_ready_change
         self.discovery = ExecutorDiscovery(config.executor_addresses, resolve)
+        # Read once here (the TLS files): every replica's channels share it.
+        self.executor_channel = config.executor_channel()
         self.model: ServedModel | None = None
         self.replicas: dict[str, ExecutorReplica] = {}
         self.requests: dict[SequenceId, RequestState] = {}

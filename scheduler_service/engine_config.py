@@ -118,8 +118,9 @@ class EngineConfig:
         default_text="random per process",
     )
 
-    @property
     def executor_channel(self) -> ExecutorChannel:
+        """How to reach the executors; reads the --executor-tls-* files, so the engine calls it once at start
+        and shares the value with every replica."""
         return ExecutorChannel.of(self.executor_tls_ca, self.executor_tls_client_cert, self.executor_tls_client_key,
                                   self.executor_tls_server_name)
 
@@ -167,7 +168,7 @@ class EngineConfig:
         if self.speculative_config is not None:
             SpeculativeConfig.parse(self.speculative_config)
         check_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
-        self.executor_channel  # noqa: B018 - checks the --executor-tls-* files and their combination
+        self.executor_channel()  # checks the --executor-tls-* files and their combination, at start-up
         if not self.scheduler_id:
             raise ValueError("--scheduler-id must not be empty")
         if self.reconnect_grace_seconds < 0:

@@ -34,9 +34,12 @@ class ExecutorClient:
                  channel: ExecutorChannel = ExecutorChannel()) -> None:
         self.address = address
         self._channel_settings = channel
-        # Sent on Describe and Step: the executor serves one scheduler id at a time (FAILED_PRECONDITION
-        # naming its owner otherwise), and only to callers with its token when it has one.
-        self._metadata = ((SCHEDULER_ID_METADATA_KEY, scheduler_id), *bearer_metadata(token))
+        # Sent on Describe and Step (and by the lease client): the executor serves one scheduler id at a
+        # time (FAILED_PRECONDITION naming its owner otherwise), and only to callers with its token when it
+        # has one.
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (SCHEDULER_ID_METADATA_KEY, scheduler_id), *bearer_metadata(token)
+        )
         self._channel: grpc.aio.Channel | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
         # Encoded size of every plan sent since start-up, for the plan-size metric.
@@ -55,26 +58,15 @@ class ExecutorClient:
         stub = pb_grpc.ExecutorStub(self._channel)
         try:
             description = await stub.Describe(
-                pb.DescribeRequest(), timeout=timeout, wait_for_ready=False, metadata=self._metadata
+                pb.DescribeRequest(), timeout=timeout, wait_for_ready=False, metadata=self.metadata
             )
         except grpc.aio.AioRpcError as error:
             await self.close()
             if error.code() is grpc.StatusCode.UNAUTHENTICATED:
                 raise Unauthenticated(str(error.details())) from error
             raise Unavailable(f"executor {self.address} is unavailable: {error.details()}") from error
-        self._call = stub.Step(metadata=self._metadata)
+        self._call = stub.Step(metadata=self.metadata)
         return ExecutorDescription.from_pb(description)
-
-    async def ask(self, timeout: float = 5.0) -> None:
-        """One Describe, nothing opened: an executor another scheduler owns counts this scheduler as
-        waiting for it (GetLease), so its owner sees how many schedulers share the set. Errors are the
-        expected answer and are ignored."""
-        async with self._channel_settings.open(self.address) as channel:
-            try:
-                await pb_grpc.ExecutorStub(channel).Describe(pb.DescribeRequest(), timeout=timeout,
-                                                             metadata=self._metadata)
-            except grpc.aio.AioRpcError:
-                pass
 
     @property
     def is_connected(self) -> bool:

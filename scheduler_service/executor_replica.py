@@ -12,9 +12,11 @@ import structlog
 from scheduler_service.block_pool import BlockPool
 from scheduler_service.engine_config import EngineConfig
 from scheduler_service.engine_observer import EngineObserver, StepRecord
+from scheduler_service.executor_channel import ExecutorChannel
 from scheduler_service.executor_client import ExecutorClient
 from scheduler_service.executor_description import ExecutorDescription
 from scheduler_service.executor_health_watch import ExecutorHealthWatch
+from scheduler_service.executor_lease_client import ExecutorLeaseClient
 from scheduler_service.kv_cache_manager import KVCacheManager
 from scheduler_service.lora.adapter_registry import Adapter
 from scheduler_service.replica_status import ReplicaStatus
@@ -23,9 +25,7 @@ from scheduler_service.scheduler_config import SchedulerConfig
 from scheduler_service.speculative.draft_proposer import proposer_from
 from scheduler_service.sequence import Sequence
 from scheduler_service.step_stats import StepStats
-from shared.bearer_auth import bearer_metadata
 from shared.errors import PagewireError, Unauthenticated, Unavailable
-from shared.scheduler_identity import SCHEDULER_ID_METADATA_KEY
 from shared.step_plan import SequenceId, SequenceOutput, StepPlan
 
 log = structlog.get_logger(__name__)
@@ -39,6 +39,9 @@ YIELD_BACKOFF_SECONDS = 3.0
 
 class ReplicaOwner(Protocol):
     """What a replica tells the engine that coordinates the replicas (all on one event loop)."""
+
+    # How to reach the executors, read once at start-up and shared by every replica.
+    executor_channel: ExecutorChannel
 
     def accept(self, replica: ExecutorReplica, description: ExecutorDescription) -> None:
         """Raises ValueError when the executor serves another model than the others."""
@@ -97,7 +100,8 @@ class ExecutorReplica:
         self.config = config
         self.owner = owner
         self.observer = observer
-        self.client = ExecutorClient(address, config.scheduler_id, config.executor_token, config.executor_channel)
+        channel = owner.executor_channel
+        self.client = ExecutorClient(address, config.scheduler_id, config.executor_token, channel)
         self.description: ExecutorDescription | None = None
         self.scheduler: Scheduler | None = None
         self.stats = StepStats()
@@ -106,11 +110,8 @@ class ExecutorReplica:
         # The executor's health said NOT_SERVING (it is shutting down): no new work until it reconnects.
         self.is_leaving = False
         self.is_stopped = False
-        self.health_watch = ExecutorHealthWatch(
-            address, self._on_health, config.executor_channel,
-            ((SCHEDULER_ID_METADATA_KEY, config.scheduler_id), *bearer_metadata(config.executor_token)),
-            self._on_lease,
-        )
+        self.health_watch = ExecutorHealthWatch(address, self._on_health, channel)
+        self.lease_client = ExecutorLeaseClient(self.health_watch, self.client.metadata, self._on_lease)
         # Other schedulers' ids that asked this executor for its lease lately (GetLease), while connected.
         self.waiting_schedulers: tuple[str, ...] = ()
         # Giving the executor up to a waiting scheduler: like a drain, then ReleaseLease and a pause.
@@ -137,16 +138,19 @@ class ExecutorReplica:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"executor {self.address}")
         self.health_watch.start()
+        self.lease_client.start()
 
     async def stop(self) -> None:
         self.is_stopped = True
-        await self.health_watch.stop()
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        # The loop (which asks for and releases the lease) is done before the shared channel closes.
+        await self.lease_client.stop()
+        await self.health_watch.stop()
         await self.client.close()
 
     def add_sequence(self, seq: Sequence, num_cached_tokens: int = 0) -> None:
@@ -308,7 +312,7 @@ class ExecutorReplica:
         self._is_ready = False
         self._sent_at.clear()
         self.waiting_schedulers = ()
-        released = await self.health_watch.release_lease()
+        released = await self.lease_client.release()
         self._retry_at = time.monotonic() + YIELD_BACKOFF_SECONDS
         self.is_yielding = False
         log.info("executor_given_up", address=self.address, lease_released=released)
@@ -328,7 +332,7 @@ class ExecutorReplica:
         if not self.owner.may_take(self):
             # At its share: takes nothing more, but keeps asking, so that the owners of the executors it
             # does not hold still count it among the schedulers dividing the set.
-            await self.client.ask()
+            await self.lease_client.ask()
             await asyncio.sleep(RECONNECT_INTERVAL_SECONDS)
             return
         self._connect_attempts += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import subprocess
 import time
 from collections.abc import Iterator
@@ -68,6 +69,39 @@ def killed_executor(model_dir: Path, port: int) -> Iterator[subprocess.Popen]:
         finally:
             process.kill()
             process.wait()
+
+
+@dataclasses.dataclass
+class CutStream:
+    """A long request cut by a kill -9 of its executor, mid-stream."""
+
+    stub: pb_grpc.GenerationStub
+    request: pb.GenerateRequest  # greedy_request(400)
+    reference: list[int]  # its whole answer, served before the kill
+    call: Iterator[pb.GenerateResponse]  # the same request again, the one the kill cut
+    received: list[int]  # its tokens read before the kill (at least 20)
+    killed_at: float  # time.monotonic() right after the kill
+
+
+@contextlib.contextmanager
+def stream_then_kill(address: str, model_dir: Path, executor_port: int,
+                     timeout: float) -> Iterator[CutStream]:
+    """Starts an executor on `executor_port`, has the scheduler at `address` serve `greedy_request(400)`
+    once in full, sends it again (`timeout`: that call's deadline), reads at least 20 tokens of it, then
+    kills the executor; the block runs with the call still open."""
+    request = greedy_request(max_tokens=400)
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        with killed_executor(model_dir, executor_port) as executor:
+            wait_health(address, GENERATION_SERVICE, SERVING, timeout=RECONNECT_TIMEOUT_SECONDS)
+            reference = [t for r in stub.Generate(request, timeout=60) for t in r.token_ids]
+            call = stub.Generate(request, timeout=timeout)
+            received: list[int] = []
+            while len(received) < 20:
+                received.extend(next(call).token_ids)
+            executor.kill()
+            killed_at = time.monotonic()
+        yield CutStream(stub, request, reference, call, received, killed_at)
 
 
 def generate_tokens(address: str) -> list[int]:
@@ -137,23 +171,13 @@ def test_request_in_flight_survives_an_executor_crash_and_restart(
 ) -> None:
     """Back within the grace period, the executor recomputes the request and the client sees no gap."""
     address, executor_port = scheduler
-    message = greedy_request(max_tokens=400)
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.GenerationStub(channel)
-        with killed_executor(model_dir, executor_port) as executor:
-            wait_health(address, GENERATION_SERVICE, SERVING, timeout=RECONNECT_TIMEOUT_SECONDS)
-            reference = [t for r in stub.Generate(message, timeout=30) for t in r.token_ids]
-            call = stub.Generate(message, timeout=RECONNECT_GRACE_SECONDS + 30)
-            received: list[int] = []
-            while len(received) < 20:
-                received.extend(next(call).token_ids)
-            executor.kill()
-            # Proof that the crash hit the request mid-stream: only a failed step can notice it here.
-            wait_health(address, GENERATION_SERVICE, NOT_SERVING, timeout=LOSS_DETECTED_WITHIN_SECONDS)
+    with stream_then_kill(address, model_dir, executor_port, timeout=RECONNECT_GRACE_SECONDS + 30) as cut:
+        # Proof that the crash hit the request mid-stream: only a failed step can notice it here.
+        wait_health(address, GENERATION_SERVICE, NOT_SERVING, timeout=LOSS_DETECTED_WITHIN_SECONDS)
         with killed_executor(model_dir, executor_port):
-            rest = list(call)
+            rest = list(cut.call)
             assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
-            assert received + [t for r in rest for t in r.token_ids] == reference
+            assert cut.received + [t for r in rest for t in r.token_ids] == cut.reference
             assert_ready_and_idle(address)
 
 
@@ -194,29 +218,21 @@ def test_kill_9_without_restart_ends_the_request_unavailable_after_the_grace_the
     already had (no token repeated or wrong); new requests fail fast meanwhile; an executor started
     later serves the same request again from the start, and every block is free after."""
     executor_port = free_port()
-    with running_scheduler(f"127.0.0.1:{executor_port}", "--reconnect-grace-seconds", "2") as address:
-        message = greedy_request(max_tokens=400)
-        with grpc.insecure_channel(address) as channel:
-            stub = pb_grpc.GenerationStub(channel)
-            with killed_executor(model_dir, executor_port) as executor:
-                wait_health(address, GENERATION_SERVICE, SERVING, timeout=RECONNECT_TIMEOUT_SECONDS)
-                reference = [t for r in stub.Generate(message, timeout=60) for t in r.token_ids]
-                call = stub.Generate(message, timeout=60)
-                received: list[int] = []
-                while len(received) < 20:
-                    received.extend(next(call).token_ids)
-                executor.kill()
-                killed_at = time.monotonic()
-                with pytest.raises(grpc.RpcError) as caught:
-                    for response in call:
-                        received.extend(response.token_ids)
-                ended_after = time.monotonic() - killed_at
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
-            assert "executor" in caught.value.details()
-            assert ended_after < 2 + LOSS_DETECTED_WITHIN_SECONDS
-            assert 20 <= len(received) < 400 and received == reference[:len(received)]
-            assert_unavailable(address)
-            with killed_executor(model_dir, executor_port):
-                wait_health(address, GENERATION_SERVICE, SERVING, timeout=RECONNECT_TIMEOUT_SECONDS)
-                assert [t for r in stub.Generate(message, timeout=60) for t in r.token_ids] == reference
-                assert_ready_and_idle(address)
+    with (
+        running_scheduler(f"127.0.0.1:{executor_port}", "--reconnect-grace-seconds", "2") as address,
+        stream_then_kill(address, model_dir, executor_port, timeout=60) as cut,
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            for response in cut.call:
+                cut.received.extend(response.token_ids)
+        ended_after = time.monotonic() - cut.killed_at
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+        assert "executor" in caught.value.details()
+        assert ended_after < 2 + LOSS_DETECTED_WITHIN_SECONDS
+        assert 20 <= len(cut.received) < 400 and cut.received == cut.reference[:len(cut.received)]
+        assert_unavailable(address)
+        with killed_executor(model_dir, executor_port):
+            wait_health(address, GENERATION_SERVICE, SERVING, timeout=RECONNECT_TIMEOUT_SECONDS)
+            again = cut.stub.Generate(cut.request, timeout=60)
+            assert [t for r in again for t in r.token_ids] == cut.reference
+            assert_ready_and_idle(address)

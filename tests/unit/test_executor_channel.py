@@ -3,6 +3,7 @@ the flag named."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,18 @@ def test_bad_files_are_refused_at_start_up_naming_the_flag(
     ca, cert, key = (None if name is None else str(tmp_path / name) for name in files)
     with pytest.raises(ValueError, match=message):
         ExecutorChannel.of(ca, cert, key, None)
+
+
+def test_the_files_are_read_once_on_construction_and_every_channel_shares_them(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    settings = ExecutorChannel.of(str(ca), None, None, None)
+    credentials = settings.credentials
+    ca.unlink()  # a channel opened now would fail if it read the file again
+
+    async def open_two() -> None:
+        for address in ("127.0.0.1:1", "127.0.0.1:2"):
+            await settings.open(address).close()
+
+    asyncio.run(open_two())
+    assert credentials is not None and settings.credentials is credentials
