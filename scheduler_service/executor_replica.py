@@ -455,10 +455,6 @@ class ExecutorReplica:
             await self.client.close()
             raise Unavailable(f"executor {self.address} rejected a plan") from error
         self.owner.on_outputs(self, outputs)
-        scheduler.speculation.observe_step(result.step_id, result.timing.num_tokens, result.timing.forward_seconds)
-        scheduler.speculation.draft_cost.observe(
-            sum(len(output.draft_token_ids) for output in result.outputs), result.timing.draft_seconds
-        )
         finished = time.perf_counter()
         # A step's wall time runs from when the executor could start on it (its plan sent, or the
         # previous result handled, whichever is later) to its result handled: with plans in flight
@@ -481,11 +477,13 @@ class ExecutorReplica:
         )
 
     def _max_plans_in_flight(self, scheduler: Scheduler) -> int:
-        """A speculated sequence's next step depends on how many drafts its last one accepted, so
-        drafting needs plans one at a time; overlap pays more once drafting would not (under load)."""
-        if scheduler.proposer is not None and scheduler.speculation.worth_drafting(
-            max((seq.draft_acceptance for seq in scheduler.running if seq.speculative), default=0.0),
-            len(scheduler.running),
+        """One plan at a time while the step after the plans in flight drafts for some sequence: drafts
+        follow a sequence's last token, so they wait until no step of it is in flight. Else overlap:
+        while no draft pays (under load, or drafts that keep failing), over a prompt's early chunks."""
+        proposer, config = scheduler.proposer, scheduler.config
+        if proposer is not None and scheduler.speculation.drafts_next_step(
+            scheduler.running, min(proposer.num_speculative_tokens, config.max_num_batched_tokens - 1),
+            config.max_model_len,
         ):
             return 1
         return self.config.max_plans_in_flight

@@ -231,8 +231,7 @@ class Scheduler:
             seq.num_computed_tokens = end
             samples[sid] = end - seq.num_draft_tokens == seq.num_tokens_with_placeholders
             seq.num_output_placeholders += samples[sid]
-        self._in_flight.append(plan.step_id, samples)
-        self.speculation.planned(plan, num_sampling_sequences=sum(samples.values()))
+        self._in_flight.append(plan, samples)
         return plan
 
     def _drafts(self, seq: Sequence, budget: int) -> tuple[tuple[int, ...], int]:
@@ -388,10 +387,11 @@ class Scheduler:
 
         Outputs of sequences that ended or were preempted since the plan was sent are dropped (with
         plans in flight, a sequence that stopped still has the step after its stop computed). Raises
-        StepRejected when the executor rejected the plan.
-        """
+        StepRejected when the executor rejected the plan. With speculation on, the policy learns from
+        the step's timing."""
         step_id = result.step_id
-        samples = self._in_flight.pop_oldest(step_id)
+        sent = self._in_flight.pop_oldest(step_id)
+        samples = sent.samples
         if result.error is not None:
             raise StepRejected(
                 f"executor rejected step {step_id} (status {result.error.code}): {result.error.message}",
@@ -416,6 +416,8 @@ class Scheduler:
                 assert seq.num_tokens <= self.config.max_model_len, f"{seq.sequence_id} outgrew max_model_len"
                 outputs.append(output)
         assert not any(samples.values()), f"step {step_id} result lacks tokens for {sorted(samples)}"
+        if self.proposer is not None:
+            self.speculation.observe_step(sent, result)
         return outputs
 
     def finish_sequence(self, sequence_id: SequenceId) -> None:

@@ -4,9 +4,16 @@ weighed against how often each request's draft tokens are accepted."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from scheduler_service.in_flight_plans import PlanInFlight
 from scheduler_service.speculative.draft_cost import DraftCost
-from shared.step_plan import StepPlan
+from shared.step_plan import StepResult
+
+if TYPE_CHECKING:  # sequence.py imports PRIOR_ACCEPTANCE from here
+    from collections.abc import Collection
+
+    from scheduler_service.sequence import Sequence
 
 # Each step's observation weighs this much against everything before it (exponential forgetting).
 _FORGET = 0.05
@@ -93,25 +100,18 @@ class SpeculationPolicy:
         self.draft_cost = DraftCost()
         self.adaptive = True
         self.last_num_decodes = 0
-        # step id -> (tokens computed without being sampled, draft tokens) of the plans in flight.
-        self._planned: dict[int, tuple[int, int]] = {}
 
-    def planned(self, plan: StepPlan, num_sampling_sequences: int) -> None:
-        """Records what a plan sent holds: its draft tokens, and the tokens it computes that get no
-        logits (prompt or recomputed ones; a sampling sequence's last token and its drafts get them)."""
+    def observe_step(self, sent: PlanInFlight, result: StepResult) -> None:
+        """Learns from the timing of a step that speculation may draft in: the fit from its forward time
+        when it is a decode step (every token it computes gets logits: a sampling sequence's last token
+        and its drafts, no prompt or recomputed token), the draft model's cost from its draft time."""
+        plan, timing = sent.plan, result.timing
         num_drafts = sum(len(c.draft_token_ids) + c.num_model_drafts for c in plan.continued_sequences)
-        num_unsampled = plan.num_scheduled_tokens - num_sampling_sequences - num_drafts
-        self._planned[plan.step_id] = (num_unsampled, num_drafts)
-
-    def observe_step(self, step_id: int, num_tokens: int, forward_seconds: float) -> None:
-        """Learns from a decode step's forward time; other steps (or ones never planned) teach nothing."""
-        planned = self._planned.pop(step_id, None)
-        for stale in [i for i in self._planned if i < step_id]:  # plans a reconnect left unanswered
-            del self._planned[stale]
-        if planned is None or planned[0] > 0 or num_tokens <= planned[1]:
-            return
-        self.step_time.observe(num_tokens, forward_seconds)
-        self.last_num_decodes = num_tokens - planned[1]
+        num_unsampled = plan.num_scheduled_tokens - sent.num_sampling_sequences - num_drafts
+        if num_unsampled <= 0 and timing.num_tokens > num_drafts:
+            self.step_time.observe(timing.num_tokens, timing.forward_seconds)
+            self.last_num_decodes = timing.num_tokens - num_drafts
+        self.draft_cost.observe(sum(len(o.draft_token_ids) for o in result.outputs), timing.draft_seconds)
 
     def draft_length(self, acceptance: float, max_num_tokens: int, num_decodes: int | None = None) -> int:
         """How many draft tokens, up to `max_num_tokens`, a request accepting each with probability
@@ -128,6 +128,29 @@ class SpeculationPolicy:
 
     def worth_drafting(self, acceptance: float, num_decodes: int | None = None) -> bool:
         return self.draft_length(acceptance, 1, num_decodes) == 1
+
+    def drafts_next_step(
+        self, running: Collection[Sequence], max_num_draft_tokens: int, max_model_len: int
+    ) -> bool:
+        """Whether the scheduler's first step after the plans in flight drafts for one of the `running`
+        sequences: one that allows drafting, whose next step is a decode (the only steps that draft)
+        and whose `draft_length` there is above 0, in a step of len(running) decodes, at most
+        `max_num_draft_tokens` (the proposer's k, the token budget) and never past its end. Its tokens
+        sampled in flight count as known: they are by then.
+
+        The answer errs towards drafting: the budget the sequences before it leave and the drafts a
+        verification in flight accepts are not known yet. While it is True plans go one at a time
+        (`ExecutorReplica`): a plan scheduled while a step of a sequence is in flight never drafts for
+        it (`Scheduler._drafts`: its drafts follow its last token, not known yet)."""
+        num_decodes = len(running)
+        for seq in running:
+            if not seq.speculative or seq.num_uncomputed_tokens > 1:
+                continue  # (a decode in flight leaves 1, a verification 1 - drafts, a chunk of a prompt more)
+            end = max_model_len if seq.max_num_tokens is None else min(seq.max_num_tokens, max_model_len)
+            limit = min(max_num_draft_tokens, end - seq.num_tokens_with_placeholders - 1)
+            if self.draft_length(seq.draft_acceptance, limit, num_decodes) > 0:
+                return True
+        return False
 
     def _bar(self, num_decodes: int) -> float:
         return self.step_time.token_share(num_decodes) + self._draft_share(num_decodes)

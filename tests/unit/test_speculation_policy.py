@@ -4,14 +4,18 @@ and recovering while it is not drafted."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 
+from scheduler_service.in_flight_plans import PlanInFlight
 from scheduler_service.scheduler import Scheduler
 from scheduler_service.sequence import Sequence
+from scheduler_service.speculative.draft_cost import DraftCost
+from scheduler_service.speculative.draft_proposer import ExecutorDraftModel
 from scheduler_service.speculative.speculation_policy import PRIOR_ACCEPTANCE, SpeculationPolicy, StepTimeModel
-from shared.step_plan import ContinuedSequence, NewSequence, SequenceId, StepPlan
+from shared.step_plan import ContinuedSequence, NewSequence, SequenceId, StepPlan, StepResult, StepTiming
 from tests.helpers.executor_mirror import ExecutorMirror, make_scheduler, own_prompt
 
 
@@ -38,8 +42,18 @@ def prefill_plan(step_id: int, num_tokens: int, num_sequences: int) -> StepPlan:
 
 
 def observed(policy: SpeculationPolicy, plan: StepPlan, num_sampling: int, seconds: float) -> None:
-    policy.planned(plan, num_sampling)
-    policy.observe_step(plan.step_id, plan.num_scheduled_tokens, seconds)
+    timing = StepTiming(forward_seconds=seconds, num_tokens=plan.num_scheduled_tokens)
+    policy.observe_step(PlanInFlight(plan, {}, num_sampling), StepResult(plan.step_id, timing=timing))
+
+
+def timed(
+    result: StepResult, plan: StepPlan, forward_seconds: float, draft_seconds: float = 0.0
+) -> StepResult:
+    """The mirror's result with the executor's timing of `plan`."""
+    timing = StepTiming(
+        forward_seconds=forward_seconds, num_tokens=plan.num_scheduled_tokens, draft_seconds=draft_seconds
+    )
+    return dataclasses.replace(result, timing=timing)
 
 
 def policy_with(fixed: float, per_token: float, num_decodes: int) -> SpeculationPolicy:
@@ -90,7 +104,6 @@ def test_prefill_steps_stay_out_of_the_fit_so_a_compute_bound_batch_of_64_stops_
             seconds = PREFILL_SECONDS * num_tokens / PREFILL_TOKENS
         observed(policy, plan, len(plan.new_sequences) or 64, seconds)
         mixed.observe(num_tokens, seconds)
-    policy.observe_step(99, 64, 1.0)  # never planned (e.g. before a reconnect): teaches nothing
     assert policy.step_time.per_token == pytest.approx(DECODE_PER_TOKEN, rel=1e-9)
     assert policy.step_time.fixed == pytest.approx(DECODE_FIXED, rel=1e-6)
     assert policy.last_num_decodes == 64
@@ -185,11 +198,34 @@ def test_the_scheduler_feeds_the_fit_its_decode_steps_only() -> None:
     mirror = ExecutorMirror(4, 16)
     policy = scheduler.speculation
     plan = scheduler.schedule()
-    scheduler.apply_result(mirror.step(plan))
-    policy.observe_step(plan.step_id, plan.num_scheduled_tokens, 0.5)
+    scheduler.apply_result(timed(mirror.step(plan), plan, 0.5))
     assert policy.step_time.last_num_tokens == 0  # a prefill step: not observed
     plan = scheduler.schedule()  # both decode, each drafted 3 (no fit yet: drafting is free)
     assert plan.num_scheduled_tokens == 2 * (1 + 3)
-    scheduler.apply_result(mirror.step(plan))
-    policy.observe_step(plan.step_id, plan.num_scheduled_tokens, 0.1)
+    scheduler.apply_result(timed(mirror.step(plan), plan, 0.1))
     assert (policy.step_time.last_num_tokens, policy.last_num_decodes) == (8, 2)
+    assert policy.step_time.fixed == pytest.approx(0.1)  # one size seen: no slope yet
+
+
+def test_the_draft_models_cost_is_learned_per_draft_token_it_proposed() -> None:
+    scheduler: Scheduler = make_scheduler(max_model_len=32)
+    scheduler.proposer = ExecutorDraftModel(4)
+    scheduler.add_sequence(Sequence(SequenceId(1), own_prompt(1, 5), arrival_index=1))
+    mirror = ExecutorMirror(4, 16)
+    plan = scheduler.schedule()
+    scheduler.apply_result(timed(mirror.step(plan), plan, 0.5))
+    plan = scheduler.schedule()
+    assert plan.continued_sequences[0].num_model_drafts == 4
+    scheduler.apply_result(timed(mirror.step(plan), plan, 0.1, draft_seconds=0.02))
+    assert scheduler.speculation.draft_cost.seconds_per_draft_token == pytest.approx(0.005)
+
+
+def test_with_speculation_off_the_policy_learns_nothing() -> None:
+    scheduler: Scheduler = make_scheduler(max_model_len=32)
+    scheduler.add_sequence(Sequence(SequenceId(1), own_prompt(1, 5), arrival_index=1))
+    mirror = ExecutorMirror(4, 16)
+    for seconds in (0.5, 0.1, 0.2):
+        plan = scheduler.schedule()
+        scheduler.apply_result(timed(mirror.step(plan), plan, seconds, draft_seconds=seconds))
+    policy = scheduler.speculation
+    assert (policy.step_time, policy.draft_cost, policy.last_num_decodes) == (StepTimeModel(), DraftCost(), 0)
