@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from executor_service.executor_config import ExecutorConfig
+from executor_service.openmp_settings import apply_openmp_defaults
 from pagewire.flags import HelpFormatter, add_config_flags, config_from_args
 from pagewire.generate_client import API_KEY_ENV, ClientConfig
 from pagewire.model_choice import MODEL_HELP, resolve_model
@@ -88,6 +89,7 @@ def _require_torch(command: str) -> None:
 
 
 def _run_executor(args: argparse.Namespace) -> int:
+    apply_openmp_defaults(os.environ)  # before anything loads torch
     # Flags are checked before the model is resolved (or the tiny one made).
     config = config_from_args(ExecutorConfig, args, skip=("model_dir",), model_dir=args.model or "",
                               executor_token=_executor_token(args.executor_token))

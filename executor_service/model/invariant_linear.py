@@ -30,15 +30,61 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def invariant_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for 2-D `x` `[M, K]`, batch-invariant per row on CPU float32.
+    """`F.linear(x, weight, bias) (+ residual)` for 2-D `x` `[M, K]`, batch-invariant per row on CPU
+    float32; `residual` `[M, N]` is added inside oneDNN's matmul (a post-op: no second pass over the
+    output).
 
     `packed`, if given, is `pack_weight(weight)` for the current contents of `weight`.
     """
-    if not (uses_onednn(weight) and x.dtype == torch.float32 and x.dim() == 2):
-        return F.linear(x, weight, bias)
+    if not _runs_onednn(x, weight):
+        out = F.linear(x, weight, bias)
+        return out if residual is None else out + residual
     w = weight if packed is None else packed
-    if x.shape[0] == 1:
-        return torch.ops.mkldnn._linear_pointwise(x.expand(2, -1), w, bias, "none", [], "")[:1]
-    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    x, residual, rows = _two_rows_at_least(x, residual)
+    if residual is None:
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")[:rows]
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), w, bias, "add")[:rows]
+
+
+def silu_gate_times_up(
+    x: torch.Tensor,
+    gate_up_weight: torch.Tensor,
+    gate_packed: torch.Tensor | None = None,
+    up_packed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SwiGLU's `silu(x Wg^T) * (x Wu^T)` for the fused `gate_up_weight` `[2I, K]` (gate rows first).
+
+    On CPU float32 it is two oneDNN matmuls with the activation and the product as post-ops (silu on
+    the gate's output, times the gate on the up's), so neither the `[M, 2I]` product nor a silu pass
+    is materialised; batch-invariant per row like `invariant_linear`. `gate_packed` / `up_packed` are
+    `pack_weight` of the two halves. Elsewhere: `F.linear`, split, `F.silu(gate) * up`.
+    """
+    intermediate = gate_up_weight.shape[0] // 2
+    if not _runs_onednn(x, gate_up_weight):
+        gate, up = F.linear(x, gate_up_weight).split(intermediate, dim=-1)
+        return F.silu(gate) * up
+    gate_w = gate_up_weight[:intermediate] if gate_packed is None else gate_packed
+    up_w = gate_up_weight[intermediate:] if up_packed is None else up_packed
+    x, _, rows = _two_rows_at_least(x, None)
+    gate = torch.ops.mkldnn._linear_pointwise(x, gate_w, None, "swish", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, gate, up_w, None, "mul")[:rows]
+
+
+def _runs_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return uses_onednn(weight) and x.dtype == torch.float32 and x.dim() == 2
+
+
+def _two_rows_at_least(
+    x: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """A single row padded to two (oneDNN's one-row kernel rounds differently); the real row count."""
+    rows = x.shape[0]
+    if rows != 1:
+        return x, residual, rows
+    return x.expand(2, -1), None if residual is None else residual.expand(2, -1).contiguous(), rows

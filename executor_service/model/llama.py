@@ -9,7 +9,12 @@ from torch import nn
 from executor_service.attention_metadata import AttentionMetadata
 from executor_service.lora.lora_batch import LoraBatch
 from executor_service.model.config import ModelConfig
-from executor_service.model.invariant_linear import invariant_linear, pack_weight, uses_onednn
+from executor_service.model.invariant_linear import (
+    invariant_linear,
+    pack_weight,
+    silu_gate_times_up,
+    uses_onednn,
+)
 from executor_service.model.rope import RotaryEmbedding
 from executor_service.ops.base import OpsBackend
 
@@ -20,8 +25,8 @@ def _empty_parameter(*shape: int, dtype: torch.dtype, device: torch.device | str
 
 
 class Linear(nn.Module):
-    """`y = x W^T (+ b)` with an uninitialised weight `[out_features, in_features]`; rows are
-    computed independently of each other (`invariant_linear`)."""
+    """`y = x W^T (+ b) (+ residual)` with an uninitialised weight `[out_features, in_features]`; rows
+    are computed independently of each other (`invariant_linear`)."""
 
     def __init__(
         self,
@@ -36,14 +41,16 @@ class Linear(nn.Module):
         self.bias = _empty_parameter(out_features, dtype=dtype, device=device) if bias else None
         self._packed = PackedWeight()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return invariant_linear(x, self.weight, self.bias, self._packed.get(self.weight))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return invariant_linear(x, self.weight, self.bias, self._packed.get(self.weight), residual)
 
 
 class PackedWeight:
-    """A weight's oneDNN-packed copy, made on first use and remade whenever the weight is written."""
+    """A weight's (or a block of its rows') oneDNN-packed copy, made on first use and remade whenever
+    the weight is written."""
 
-    def __init__(self) -> None:
+    def __init__(self, rows: slice | None = None) -> None:
+        self._rows = rows
         self._key: tuple[int, int] | None = None
         self._packed: torch.Tensor | None = None
 
@@ -52,7 +59,8 @@ class PackedWeight:
             return None
         key = (weight.data_ptr(), weight._version)
         if key != self._key:
-            self._packed, self._key = pack_weight(weight), key
+            source = weight if self._rows is None else weight[self._rows]
+            self._packed, self._key = pack_weight(source), key
         return self._packed
 
 
@@ -70,19 +78,23 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, as Hugging Face Llama does."""
+    """Root-mean-square norm computed in float32, as Hugging Face Llama does (`OpsBackend.rms_norm`)."""
 
     def __init__(
-        self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device | str | None
+        self,
+        hidden_size: int,
+        eps: float,
+        ops: OpsBackend,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
     ) -> None:
         super().__init__()
         self.weight = _empty_parameter(hidden_size, dtype=dtype, device=device)
         self.eps = eps
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -119,7 +131,10 @@ class Attention(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
         lora: LoraBatch | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The attention block's output `[T, hidden]`, plus `residual` when given (added inside the
+        output projection's matmul)."""
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if lora is not None:
@@ -129,20 +144,22 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(positions, q, k, self.ops)
         key_cache, value_cache = kv_cache
         self.ops.write_kv(k, v, key_cache, value_cache, metadata.slot_mapping)
         out = self.ops.paged_attention(q, key_cache, value_cache, metadata, self.scale).reshape(
             num_tokens, self.q_size
         )
-        projected = self.o_proj(out)
+        projected = self.o_proj(out, residual)
         if lora is not None:
             lora.add_delta(self.layer_index, "o_proj", out, projected)
         return projected
 
 
 class MLP(nn.Module):
-    """SwiGLU with the gate and up projections fused into one matmul."""
+    """SwiGLU with the gate and up projections in one weight; without LoRA (whose deltas land between
+    the projections and the activation) and without bias, the activation and the product run as
+    post-ops of the two projections' matmuls (`silu_gate_times_up`)."""
 
     def __init__(
         self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str | None, layer_index: int = 0
@@ -154,14 +171,23 @@ class MLP(nn.Module):
             config.hidden_size, 2 * config.intermediate_size, config.mlp_bias, dtype, device
         )
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, config.mlp_bias, dtype, device)
+        self._packed_gate = PackedWeight(slice(0, config.intermediate_size))
+        self._packed_up = PackedWeight(slice(config.intermediate_size, None))
 
-    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        if lora is not None:
-            lora.add_delta(self.layer_index, "gate_proj", x, gate)
-            lora.add_delta(self.layer_index, "up_proj", x, up)
-        inner = F.silu(gate) * up
-        out = self.down_proj(inner)
+    def forward(
+        self, x: torch.Tensor, lora: LoraBatch | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The MLP's output, plus `residual` when given (added inside the down projection's matmul)."""
+        if lora is None and self.gate_up_proj.bias is None:
+            weight = self.gate_up_proj.weight
+            inner = silu_gate_times_up(x, weight, self._packed_gate.get(weight), self._packed_up.get(weight))
+        else:
+            gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+            if lora is not None:
+                lora.add_delta(self.layer_index, "gate_proj", x, gate)
+                lora.add_delta(self.layer_index, "up_proj", x, up)
+            inner = F.silu(gate) * up
+        out = self.down_proj(inner, residual)
         if lora is not None:
             lora.add_delta(self.layer_index, "down_proj", inner, out)
         return out
@@ -180,9 +206,9 @@ class DecoderLayer(nn.Module):
         layer_index: int = 0,
     ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype, device)
         self.self_attn = Attention(config, ops, rotary, dtype, device, layer_index)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype, device)
         self.mlp = MLP(config, dtype, device, layer_index)
 
     def forward(
@@ -193,8 +219,8 @@ class DecoderLayer(nn.Module):
         metadata: AttentionMetadata,
         lora: LoraBatch | None = None,
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, kv_cache, metadata, lora)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden), lora)
+        hidden = self.self_attn(self.input_layernorm(hidden), positions, kv_cache, metadata, lora, hidden)
+        return self.mlp(self.post_attention_layernorm(hidden), lora, hidden)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -221,7 +247,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(config, ops, self.rope, dtype, device, i) for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype, device)
         self._packed_lm_head = PackedWeight()
         self.lm_head = (
             None

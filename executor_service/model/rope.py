@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from executor_service.ops.base import OpsBackend
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -46,7 +48,7 @@ class RotaryEmbedding(torch.nn.Module):
     """Rotates query and key heads by their token positions.
 
     cos and sin for every position `< max_positions` are computed once in float32 (half the head
-    dimension each, since the two halves share frequencies) and gathered by `positions` per call.
+    dimension each, since the two halves share frequencies); the ops backend rotates by them.
     """
 
     def __init__(
@@ -68,14 +70,8 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, ops: OpsBackend
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotates `query` `[T, H, D]` and `key` `[T, kvh, D]` by `positions` `[T]`; returns new tensors."""
-        cos = self.cos.index_select(0, positions).to(query.dtype)[:, None, :]
-        sin = self.sin.index_select(0, positions).to(query.dtype)[:, None, :]
-        return _rotate(query, cos, sin), _rotate(key, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+        """Rotates `query` `[T, H, D]` and `key` `[T, kvh, D]` by `positions` `[T]` with `ops` (which may
+        rotate them in place: read only what it returns)."""
+        return ops.rotary_embedding(positions, query, key, self.cos, self.sin)

@@ -1,4 +1,5 @@
-"""The ops interface every backend implements: K/V cache writes, paged attention, block copy and swap, SGMV.
+"""The ops interface every backend implements: K/V cache writes, paged attention, block copy and swap, SGMV,
+and the two elementwise ops a backend may fuse (RMSNorm, rotary embedding; torch reference by default).
 
 Cache layout (per layer): `key_cache` and `value_cache` are `[num_blocks, block_size, num_kv_heads,
 head_dim]`; slot = block_id * block_size + offset.
@@ -72,6 +73,25 @@ class OpsBackend(ABC):
         Complete (the data is in `dst_caches`) when the call returns.
         """
 
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """`weight * x / sqrt(mean(x^2) + eps)` per row of `x` `[T, H]`, computed in float32 as Hugging
+        Face Llama does; a new tensor. This is the reference; a backend's fused kernel equals it to
+        float32 rounding."""
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x32.to(x.dtype)
+
+    def rotary_embedding(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`query` `[T, H, D]` and `key` `[T, kvh, D]` rotated by `positions` `[T]` in the rotate-half
+        (NeoX / Hugging Face Llama) layout, from float32 tables `cos`, `sin` `[max_positions, D / 2]`.
+        Returns the rotated pair; a backend may rotate the given tensors in place and return them, so
+        callers must not read the inputs afterwards. This is the reference."""
+        cos_t = cos.index_select(0, positions).to(query.dtype)[:, None, :]
+        sin_t = sin.index_select(0, positions).to(query.dtype)[:, None, :]
+        return _rotate_half(query, cos_t, sin_t), _rotate_half(key, cos_t, sin_t)
+
     def prepare_lora(self) -> None:
         """Readies the SGMV ops ahead of the first step that uses them (an executor with LoRA on calls
         it at start-up; e.g. the CPU backend builds its kernel then). Default: nothing to do."""
@@ -109,6 +129,11 @@ class OpsBackend(ABC):
         s >= 0 becomes `out[t] + v[t] @ lora_b[s].T`, summed in float32 and rounded once to `out`'s
         dtype; other rows are untouched.
         """
+
+
+def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
 
 def check_block_pairs(

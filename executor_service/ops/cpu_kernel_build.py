@@ -1,4 +1,4 @@
-"""Builds (once per machine, cached on disk) and loads the CPU paged-attention kernel."""
+"""Builds (once per machine, cached on disk) and loads the CPU kernels: paged attention, RMSNorm and rotary."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from types import ModuleType
 
 import structlog
 
+from executor_service.ops import cpu_elementwise_source
 from executor_service.ops.cpu_kernel_source import CPP_SOURCE
 
 log = structlog.get_logger(__name__)
@@ -21,8 +22,15 @@ class CpuKernelUnavailable(RuntimeError):
 
 @functools.cache
 def load_cpu_kernels() -> ModuleType:
-    """The compiled module with `paged_attention(...)`; raises CpuKernelUnavailable if it cannot build."""
-    return build_cpu_extension("CPU attention kernel", "pagewire_cpu_attention", CPP_SOURCE, ["paged_attention"])
+    """The compiled module with `paged_attention(...)`, `rms_norm(...)` and `rotary_embedding(...)` (one
+    build: most of a build's time is parsing torch's headers); raises CpuKernelUnavailable if it cannot
+    build."""
+    return build_cpu_extension(
+        "CPU attention and elementwise kernels",
+        "pagewire_cpu_attention",
+        CPP_SOURCE + cpu_elementwise_source.CPP_SOURCE,
+        ["paged_attention", "rms_norm", "rotary_embedding"],
+    )
 
 
 def build_cpu_extension(what: str, name_prefix: str, source: str, functions: list[str]) -> ModuleType:

@@ -1,4 +1,5 @@
-"""The CPU ops backend: torch's cache and block ops; paged attention and SGMV by compiled C++ kernels."""
+"""The CPU ops backend: torch's cache and block ops; paged attention, RMSNorm, rotary embedding and SGMV
+by compiled C++ kernels."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ class CpuOps(TorchOps):
     of how its prompt was chunked and of the thread count; `TorchOps` is its test oracle (equal to
     float32 rounding, not bitwise). Other dtypes and devices use the torch path. Building the kernel
     needs a C++ compiler and ninja; the constructor raises `CpuKernelUnavailable` without them.
+
+    RMSNorm and the rotary embedding (executor_service/ops/cpu_elementwise_source.py) read and write
+    each row once instead of a pass per elementwise op, row by row in a fixed order (batch-invariant
+    the same way); the rotary kernel rotates the query and key in place.
 
     SGMV shrink and expand (executor_service/ops/cpu_sgmv_source.py) are one kernel call per op over
     the whole mixed batch instead of two torch ops per segment, batch-invariant the same way; if that
@@ -70,6 +75,20 @@ class CpuOps(TorchOps):
             scale,
         )
 
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if not (_is_cpu_float32(x, weight) and x.dim() == 2 and x.stride(1) == 1 and weight.is_contiguous()):
+            return super().rms_norm(x, weight, eps)
+        return self._kernels.rms_norm(x, weight, eps)
+
+    def rotary_embedding(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dense = all(t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (query, key))
+        if not (_is_cpu_float32(query, key, cos, sin) and dense and positions.dtype == torch.int64):
+            return super().rotary_embedding(positions, query, key, cos, sin)
+        self._kernels.rotary_embedding(positions.contiguous(), query, key, cos, sin)
+        return query, key
+
     def sgmv_shrink(
         self, x: torch.Tensor, lora_a: torch.Tensor, out: torch.Tensor, segments: SgmvSegments, scale: float
     ) -> None:
@@ -87,3 +106,7 @@ class CpuOps(TorchOps):
             super().sgmv_expand(v, lora_b, out, segments)
             return
         self._sgmv.expand(v, lora_b, out, segments)
+
+
+def _is_cpu_float32(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)

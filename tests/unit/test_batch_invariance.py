@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.bench_model import BenchModelConfig, create_bench_model
 from executor_service.model import load_model
-from executor_service.model.invariant_linear import invariant_linear, pack_weight
+from executor_service.model.invariant_linear import invariant_linear, pack_weight, silu_gate_times_up
 from executor_service.ops.cpu_kernel_build import CpuKernelUnavailable
 from executor_service.ops.torch_ops import TorchOps
 
@@ -183,3 +183,25 @@ def test_linear_rows_do_not_depend_on_the_row_count(in_features, out_features):
             assert torch.equal(invariant_linear(x[rows], weight, None), full[rows])
             assert torch.equal(invariant_linear(x[rows], weight, None, packed), full[rows])
     torch.testing.assert_close(full, torch.nn.functional.linear(x, weight), atol=1e-4, rtol=1e-4)
+
+
+def test_fused_post_ops_match_the_unfused_math_and_stay_row_invariant():
+    """The residual add inside the matmul and SwiGLU as two matmuls with post-ops: equal to the plain
+    ops to float32 rounding, and a row's bits do not depend on the row count (1 is padded to 2)."""
+    generator = torch.Generator().manual_seed(5)
+    hidden, intermediate = 512, 1408
+    gate_up = torch.randn(2 * intermediate, hidden, generator=generator) / hidden**0.5
+    down = torch.randn(hidden, intermediate, generator=generator) / intermediate**0.5
+    x = torch.randn(300, hidden, generator=generator)
+    residual = torch.randn(300, hidden, generator=generator)
+    gate_packed, up_packed = pack_weight(gate_up[:intermediate]), pack_weight(gate_up[intermediate:])
+    inner = silu_gate_times_up(x, gate_up, gate_packed, up_packed)
+    gate, up = torch.nn.functional.linear(x, gate_up).split(intermediate, dim=-1)
+    torch.testing.assert_close(inner, torch.nn.functional.silu(gate) * up, atol=1e-5, rtol=1e-4)
+    out = invariant_linear(inner, down, None, pack_weight(down), residual)
+    torch.testing.assert_close(out, torch.nn.functional.linear(inner, down) + residual, atol=1e-5, rtol=1e-4)
+    for num_rows in (1, 2, 15, 16, 64, 299):
+        rows = slice(1, 1 + num_rows)
+        assert torch.equal(silu_gate_times_up(x[rows], gate_up, gate_packed, up_packed), inner[rows])
+        assert torch.equal(silu_gate_times_up(x[rows], gate_up), inner[rows])
+        assert torch.equal(invariant_linear(inner[rows], down, None, None, residual[rows]), out[rows])
