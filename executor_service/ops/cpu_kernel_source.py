@@ -6,7 +6,9 @@ scores by a 16-lane dot product in a fixed order, the row maximum, `exp(s - max)
 in position order, and the value sum accumulated key by key in position order. Nothing depends on
 the other tokens of the batch, on how many queries the sequence computes this step, or on the
 thread count, so each row's result is bitwise the same however the batch was composed
-(batch invariance). float32 only.
+(batch invariance). float32 only. With AVX2 a kv head's query heads go two at a time, each K and V
+row loaded once for both, each row's operations in the same order as alone (`scores_pair_avx2`,
+`weighted_sum_pair_avx2`): the pairing changes the loads, never the bits.
 """
 
 CPP_SOURCE = r"""
@@ -163,11 +165,82 @@ inline void weighted_sum_avx2(const float* w, const float* v_base, const int64_t
     for (int c = 0; c < width / 8; ++c) _mm256_storeu_ps(dst + d0 + 8 * c, acc[c]);
   }
 }
+
+// The four keys' lane sums of v[0..3], with transpose_sum8's add tree: bitwise its lanes 0-3.
+inline __m128 transpose_sum4(const __m256* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+}
+
+// scores_avx2 for two query heads of one token at once (the same keys): each key is loaded once for
+// both, four keys at a time; every score comes out bitwise as scores_avx2 computes it.
+inline void scores_pair_avx2(const float* q0, const float* q1, const float* k_base, const int64_t* off, int n,
+                             int head_dim, float scale, float* scores0, float* scores1) {
+  const __m128 vscale = _mm_set1_ps(scale);
+  for (int p0 = 0; p0 < n; p0 += 4) {
+    const float* keys[4];
+    for (int j = 0; j < 4; ++j) keys[j] = k_base + off[p0 + j < n ? p0 + j : 0];
+    __m256 acc0[4], acc1[4];
+    for (int j = 0; j < 4; ++j) acc0[j] = acc1[j] = _mm256_setzero_ps();
+    for (int d = 0; d < head_dim; d += 8) {
+      const __m256 qv0 = _mm256_loadu_ps(q0 + d);
+      const __m256 qv1 = _mm256_loadu_ps(q1 + d);
+      for (int j = 0; j < 4; ++j) {
+        const __m256 kv = _mm256_loadu_ps(keys[j] + d);
+        acc0[j] = _mm256_fmadd_ps(qv0, kv, acc0[j]);
+        acc1[j] = _mm256_fmadd_ps(qv1, kv, acc1[j]);
+      }
+    }
+    const __m128 sums0 = _mm_mul_ps(transpose_sum4(acc0), vscale);
+    const __m128 sums1 = _mm_mul_ps(transpose_sum4(acc1), vscale);
+    if (p0 + 4 <= n) {
+      _mm_storeu_ps(scores0 + p0, sums0);
+      _mm_storeu_ps(scores1 + p0, sums1);
+    } else {
+      alignas(16) float tmp0[4], tmp1[4];
+      _mm_store_ps(tmp0, sums0);
+      _mm_store_ps(tmp1, sums1);
+      for (int j = 0; p0 + j < n; ++j) {
+        scores0[p0 + j] = tmp0[j];
+        scores1[p0 + j] = tmp1[j];
+      }
+    }
+  }
+}
+
+// weighted_sum_avx2 for two query heads at once: each value row is loaded once for both; per output
+// element the same keys in the same order, so bitwise what weighted_sum_avx2 computes.
+inline void weighted_sum_pair_avx2(const float* w0, const float* w1, const float* v_base, const int64_t* off,
+                                   int n, int head_dim, float* dst0, float* dst1) {
+  for (int d0 = 0; d0 < head_dim; d0 += 32) {
+    const int width = head_dim - d0 < 32 ? head_dim - d0 : 32;
+    __m256 acc0[4], acc1[4];
+    for (int c = 0; c < 4; ++c) acc0[c] = acc1[c] = _mm256_setzero_ps();
+    for (int p = 0; p < n; ++p) {
+      const __m256 wp0 = _mm256_set1_ps(w0[p]);
+      const __m256 wp1 = _mm256_set1_ps(w1[p]);
+      const float* v = v_base + off[p] + d0;
+      for (int c = 0; c < width / 8; ++c) {
+        const __m256 vv = _mm256_loadu_ps(v + 8 * c);
+        acc0[c] = _mm256_fmadd_ps(wp0, vv, acc0[c]);
+        acc1[c] = _mm256_fmadd_ps(wp1, vv, acc1[c]);
+      }
+    }
+    for (int c = 0; c < width / 8; ++c) {
+      _mm256_storeu_ps(dst0 + d0 + 8 * c, acc0[c]);
+      _mm256_storeu_ps(dst1 + d0 + 8 * c, acc1[c]);
+    }
+  }
+}
 #else
 constexpr bool kHaveAvx2 = false;
 inline void scores_avx2(const float*, const float*, const int64_t*, int, int, float, float*) {}
 inline void softmax_avx2(float*, int) {}
 inline void weighted_sum_avx2(const float*, const float*, const int64_t*, int, int, float*) {}
+inline void scores_pair_avx2(const float*, const float*, const float*, const int64_t*, int, int, float, float*,
+                             float*) {}
+inline void weighted_sum_pair_avx2(const float*, const float*, const float*, const int64_t*, int, int, float*,
+                                   float*) {}
 #endif
 
 }  // namespace
@@ -238,13 +311,27 @@ torch::Tensor paged_attention(
       const float* k_base = kc + static_cast<int64_t>(kvh) * head_dim;
       const float* v_base = vc + static_cast<int64_t>(kvh) * head_dim;
       if (use_avx2) {
+        // Query heads two at a time share each K and V load; a last odd head goes alone. Both paths
+        // give a row the same bits, so the pairing never shows in the output.
         const int stride = (visible + 7) / 8 * 8;
-        scores.resize(static_cast<size_t>(stride));
-        for (int g = 0; g < group; ++g) {
+        scores.resize(static_cast<size_t>(2 * stride));
+        float* row0 = scores.data();
+        float* row1 = scores.data() + stride;
+        int g = 0;
+        for (; g + 2 <= group; g += 2) {
           const int64_t head = t * num_heads + kvh * group + g;
-          scores_avx2(q + head * head_dim, k_base, off, visible, head_dim, fscale, scores.data());
-          softmax_avx2(scores.data(), visible);
-          weighted_sum_avx2(scores.data(), v_base, off, visible, head_dim, o + head * head_dim);
+          scores_pair_avx2(q + head * head_dim, q + (head + 1) * head_dim, k_base, off, visible, head_dim, fscale,
+                           row0, row1);
+          softmax_avx2(row0, visible);
+          softmax_avx2(row1, visible);
+          weighted_sum_pair_avx2(row0, row1, v_base, off, visible, head_dim, o + head * head_dim,
+                                 o + (head + 1) * head_dim);
+        }
+        if (g < group) {
+          const int64_t head = t * num_heads + kvh * group + g;
+          scores_avx2(q + head * head_dim, k_base, off, visible, head_dim, fscale, row0);
+          softmax_avx2(row0, visible);
+          weighted_sum_avx2(row0, v_base, off, visible, head_dim, o + head * head_dim);
         }
         continue;
       }
