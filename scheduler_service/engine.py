@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import structlog
 
+from scheduler_service.background_task import cancel_and_wait
 from scheduler_service.engine_config import EngineConfig
 from scheduler_service.engine_observer import EngineObserver
 from scheduler_service.executor_description import ExecutorDescription
@@ -108,12 +109,7 @@ class Engine:
     async def stop(self) -> None:
         for request in list(self.requests.values()):
             request.abort()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         for replica in list(self.replicas.values()):
             await replica.stop()
 

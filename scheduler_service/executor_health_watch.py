@@ -9,6 +9,7 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from scheduler_service.background_task import cancel_and_wait
 from scheduler_service.executor_channel import ExecutorChannel
 
 EXECUTOR_SERVICE = "pagewire.v1.Executor"
@@ -49,12 +50,7 @@ class ExecutorHealthWatch:
 
     async def stop(self) -> None:
         """Ends the polling and closes the channel (nothing may use it after)."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         if self._channel is not None:
             await self._channel.close()
             self._channel = None

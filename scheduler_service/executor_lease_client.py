@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
+from scheduler_service.background_task import cancel_and_wait
 from scheduler_service.executor_health_watch import POLL_SECONDS, ExecutorHealthWatch
 from shared.pb.pagewire.v1 import executor_pb2 as pb
 from shared.pb.pagewire.v1 import executor_pb2_grpc as pb_grpc
@@ -40,12 +41,7 @@ class ExecutorLeaseClient:
         self._task = asyncio.create_task(self._poll(), name=f"lease {self.address}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def waiting_scheduler_ids(self) -> tuple[str, ...] | None:
         """One GetLease: the ids of the schedulers the executor refused lately, its holder left out, sorted;

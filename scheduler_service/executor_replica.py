@@ -9,6 +9,7 @@ from typing import Protocol
 
 import structlog
 
+from scheduler_service.background_task import cancel_and_wait
 from scheduler_service.block_pool import BlockPool
 from scheduler_service.engine_config import EngineConfig
 from scheduler_service.engine_observer import EngineObserver, StepRecord
@@ -142,12 +143,8 @@ class ExecutorReplica:
 
     async def stop(self) -> None:
         self.is_stopped = True
-        if self._task is not None and self._task is not asyncio.current_task():
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        if self._task is not asyncio.current_task():
+            await cancel_and_wait(self._task)
         # The loop (which asks for and releases the lease) is done before the shared channel closes.
         await self.lease_client.stop()
         await self.health_watch.stop()

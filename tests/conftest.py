@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from executor_service.attention_metadata import AttentionMetadata
+from executor_service.ops.cpu_kernel_build import CpuKernelUnavailable
 
 
 def _attention_metadata(
@@ -42,3 +43,14 @@ def _attention_metadata(
 def make_attention_metadata() -> Callable[..., AttentionMetadata]:
     """`make(query_lens, context_lens, block_tables, block_size, device="cpu") -> AttentionMetadata`."""
     return _attention_metadata
+
+
+@pytest.fixture(scope="module")
+def cpu_ops():
+    """The compiled CPU ops backend (built once per machine); the test is skipped where it cannot build."""
+    from executor_service.ops.cpu_ops import CpuOps
+
+    try:
+        return CpuOps()
+    except CpuKernelUnavailable as error:
+        pytest.skip(str(error))

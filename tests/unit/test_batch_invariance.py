@@ -14,7 +14,6 @@ import torch
 from benchmarks.bench_model import BenchModelConfig, create_bench_model
 from executor_service.model import load_model
 from executor_service.model.invariant_linear import invariant_linear, pack_weight, silu_gate_times_up
-from executor_service.ops.cpu_kernel_build import CpuKernelUnavailable
 from executor_service.ops.torch_ops import TorchOps
 
 BLOCK_SIZE = 16
@@ -135,16 +134,6 @@ def run_schedule(driver: Driver, schedule: str) -> list[torch.Tensor]:
 def bench_checkpoint(tmp_path_factory):
     config = BenchModelConfig(num_layers=2, max_position_embeddings=512)
     return create_bench_model(tmp_path_factory.mktemp("bench2"), config, seed=0)
-
-
-@pytest.fixture(scope="module")
-def cpu_ops():
-    from executor_service.ops.cpu_ops import CpuOps
-
-    try:
-        return CpuOps()
-    except CpuKernelUnavailable as error:
-        pytest.skip(str(error))
 
 
 def test_rows_are_bitwise_equal_in_every_schedule(bench_checkpoint, cpu_ops, make_attention_metadata):

@@ -6,20 +6,9 @@ import pytest
 import torch
 
 from executor_service.model.rope import RotaryEmbedding
-from executor_service.ops.cpu_kernel_build import CpuKernelUnavailable
 from executor_service.ops.torch_ops import TorchOps
 
 REFERENCE = TorchOps()
-
-
-@pytest.fixture(scope="module")
-def cpu_ops():
-    from executor_service.ops.cpu_ops import CpuOps
-
-    try:
-        return CpuOps()
-    except CpuKernelUnavailable as error:
-        pytest.skip(str(error))
 
 
 @pytest.mark.parametrize("num_rows", [1, 3, 17, 300])

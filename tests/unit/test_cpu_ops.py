@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from executor_service.ops.cpu_kernel_build import CpuKernelUnavailable
 from executor_service.ops.torch_ops import MAX_BATCHED_QUERY_LEN, TorchOps
 from tests.helpers.block_tables import scattered_block_tables
 
@@ -16,16 +15,6 @@ CASES = {
     "chunked_prefill_with_cached_prefix": ([18, 7, 1], [40, 23, 12]),
     "verify_drafts_mixed_query_lens": ([4, 2, 1, MAX_BATCHED_QUERY_LEN + 1], [10, 13, 21, 30]),
 }
-
-
-@pytest.fixture(scope="module")
-def cpu_ops():
-    from executor_service.ops.cpu_ops import CpuOps
-
-    try:
-        return CpuOps()
-    except CpuKernelUnavailable as error:
-        pytest.skip(str(error))
 
 
 def make_batch(
