@@ -24,6 +24,14 @@ def test_passive_unless_the_user_chose(environ, want, changed, monkeypatch):
     assert environ == want
 
 
+def test_too_late_once_torch_is_loaded():
+    import torch  # noqa: F401 - loaded, as in a process that called the CLI in-process
+
+    environ: dict[str, str] = {}
+    assert apply_openmp_defaults(environ) is False
+    assert environ == {}
+
+
 def test_the_executor_command_reaches_torch_with_the_default():
     """`pagewire executor` sets it before torch loads: the child's torch sees it in its environment."""
     code = (
