@@ -156,7 +156,7 @@ class Scheduler:
         A running sequence whose sampled token is still in flight is scheduled anyway, one token: the
         placeholder, whose id only the executor knows yet (it appended it). Its block and the
         max_model_len check count it like a known token. No placeholder step is scheduled once the
-        tokens in flight reach `_num_tokens_limit`; a stop the scheduler cannot foresee (a stop token
+        tokens in flight reach `Sequence.num_tokens_limit`; a stop the scheduler cannot foresee (a stop token
         or string) costs one step whose output `apply_result` drops.
         """
         budget = self.config.max_num_batched_tokens
@@ -169,7 +169,8 @@ class Scheduler:
                 break
             if seq.num_draft_tokens or seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens == 0:
                 continue  # (drafts: its verification is in flight; how far it got is not known yet)
-            if seq.num_output_placeholders and seq.num_tokens_with_placeholders >= self._num_tokens_limit(seq):
+            end = seq.num_tokens_limit(self.config.max_model_len)
+            if seq.num_output_placeholders and seq.num_tokens_with_placeholders >= end:
                 continue
             num_new_tokens = min(seq.num_uncomputed_tokens, budget)
             is_decode = num_new_tokens == seq.num_uncomputed_tokens == 1
@@ -241,19 +242,14 @@ class Scheduler:
         if (self.proposer is None or not seq.speculative or seq.num_output_placeholders
                 or not self.plan_encoder.knows(seq.sequence_id)):
             return (), 0
-        limit = min(self.proposer.num_speculative_tokens, budget - 1, self._num_tokens_limit(seq) - seq.num_tokens - 1)
+        end = seq.num_tokens_limit(self.config.max_model_len)
+        limit = min(self.proposer.num_speculative_tokens, budget - 1, end - seq.num_tokens - 1)
         k = self.speculation.draft_length(seq.draft_acceptance, limit, len(self.running))
         if not self.speculation.worth_drafting(seq.draft_acceptance, len(self.running)):
             seq.draft_acceptance = self.speculation.recovered(seq.draft_acceptance)
         if k == 0 or isinstance(self.proposer, ExecutorDraftModel):
             return (), k
         return self.proposer.propose(seq.token_ids, k), 0
-
-    def _num_tokens_limit(self, seq: Sequence) -> int:
-        """The length the sequence can never exceed: its request ends at it at the latest."""
-        if seq.max_num_tokens is None:
-            return self.config.max_model_len
-        return min(seq.max_num_tokens, self.config.max_model_len)
 
     def _admit(self, seq: Sequence, budget: int) -> int | None:
         """Give a waiting (not swapped) sequence its longest cached prefix and blocks for the next

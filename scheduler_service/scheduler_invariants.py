@@ -41,7 +41,7 @@ def check_scheduler_invariants(scheduler: Scheduler) -> None:
             f"{num_tokens_in_flight.get(seq.sequence_id, 0)} tokens sampled in flight"
         )
         assert seq.num_output_placeholders == 0 or seq.num_computed_tokens >= seq.num_tokens
-        assert seq.num_tokens_with_placeholders <= scheduler._num_tokens_limit(seq), (
+        assert seq.num_tokens_with_placeholders <= seq.num_tokens_limit(scheduler.config.max_model_len), (
             f"{seq.sequence_id} has a placeholder past its end"
         )
         num_table_tokens = len(kv.block_ids(seq.sequence_id)) * kv.block_size

@@ -97,6 +97,10 @@ class Sequence:
         """Draft tokens the step in flight verifies, whoever proposes them."""
         return len(self.draft_token_ids) + self.num_model_drafts
 
+    def num_tokens_limit(self, max_model_len: int) -> int:
+        """The length the sequence can never exceed: its request ends at it at the latest."""
+        return max_model_len if self.max_num_tokens is None else min(self.max_num_tokens, max_model_len)
+
     def drop_drafts(self) -> None:
         self.draft_token_ids = ()
         self.num_model_drafts = 0

@@ -146,7 +146,7 @@ class SpeculationPolicy:
         for seq in running:
             if not seq.speculative or seq.num_uncomputed_tokens > 1:
                 continue  # (a decode in flight leaves 1, a verification 1 - drafts, a chunk of a prompt more)
-            end = max_model_len if seq.max_num_tokens is None else min(seq.max_num_tokens, max_model_len)
+            end = seq.num_tokens_limit(max_model_len)
             limit = min(max_num_draft_tokens, end - seq.num_tokens_with_placeholders - 1)
             if self.draft_length(seq.draft_acceptance, limit, num_decodes) > 0:
                 return True
